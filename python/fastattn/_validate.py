@@ -1,0 +1,167 @@
+"""Argument checks shared by the public ops.
+
+Every message names the argument, what it got and what it needs. All checks run
+before any kernel launch; none of them reads tensor data except the ones named
+`*_values`, which are skipped while torch.compile traces (data is not known then).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _names(dtypes: Iterable[torch.dtype]) -> str:
+    return ", ".join(dtype_name(d) for d in dtypes)
+
+
+def tensor(
+    name: str,
+    value: object,
+    *,
+    ndim: Optional[int | Sequence[int]] = None,
+    dtypes: Optional[Sequence[torch.dtype]] = FLOAT_DTYPES,
+) -> Tensor:
+    """`value` is a Tensor with an allowed rank and dtype."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if value.dim() not in allowed:
+            wanted = " or ".join(str(n) for n in allowed)
+            raise ValueError(f"{name} must be {wanted}-D, got shape {tuple(value.shape)}")
+    if dtypes is not None and value.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype {_names(dtypes)}, got {dtype_name(value.dtype)}")
+    return value
+
+
+def optional_tensor(name: str, value: object, **kwargs) -> Optional[Tensor]:
+    return None if value is None else tensor(name, value, **kwargs)
+
+
+def same_device(**named: Optional[Tensor]) -> torch.device:
+    """All given tensors live on one device; returns it."""
+    present = {name: t for name, t in named.items() if t is not None}
+    first_name, first = next(iter(present.items()))
+    for name, t in present.items():
+        if t.device != first.device:
+            raise ValueError(
+                f"{name} is on {t.device} but {first_name} is on {first.device}; "
+                "all tensors must be on one device"
+            )
+    return first.device
+
+
+def same_dtype(**named: Optional[Tensor]) -> torch.dtype:
+    """All given tensors share one dtype; returns it."""
+    present = {name: t for name, t in named.items() if t is not None}
+    first_name, first = next(iter(present.items()))
+    for name, t in present.items():
+        if t.dtype != first.dtype:
+            raise TypeError(
+                f"{name} has dtype {dtype_name(t.dtype)} but {first_name} has "
+                f"{dtype_name(first.dtype)}; they must match"
+            )
+    return first.dtype
+
+
+def shape(name: str, value: Tensor, expected: Sequence[int], meaning: str) -> None:
+    """value.shape == expected; `meaning` spells the dims, e.g. '(batch, heads)'."""
+    if tuple(value.shape) != tuple(expected):
+        raise ValueError(
+            f"{name} must have shape {meaning} = {tuple(expected)}, got {tuple(value.shape)}"
+        )
+
+
+def broadcastable(name: str, value: Tensor, target: Sequence[int], meaning: str) -> None:
+    """value broadcasts to `target` (trailing-aligned; each dim 1 or equal)."""
+    ok = value.dim() <= len(target) and all(
+        got in (1, want) for got, want in zip(reversed(value.shape), reversed(target))
+    )
+    if not ok:
+        raise ValueError(
+            f"{name} of shape {tuple(value.shape)} is not broadcastable to {meaning} = "
+            f"{tuple(target)}"
+        )
+
+
+def choice(name: str, value: object, options: Sequence[object]) -> None:
+    if value not in options:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}; got {value!r}")
+
+
+def boolean(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def integer(name: str, value: object, *, minimum: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def number(
+    name: str,
+    value: object,
+    *,
+    minimum: Optional[float] = None,
+    below: Optional[float] = None,
+    positive: bool = False,
+) -> float:
+    """A finite real number, optionally in [minimum, below) or > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if below is not None and value >= below:
+        raise ValueError(f"{name} must be < {below}, got {value}")
+    return value
+
+
+def window(name: str, value: object) -> tuple[int, int]:
+    """A (left, right) pair of ints, each -1 (unbounded) or >= 0."""
+    if (
+        not isinstance(value, (tuple, list))
+        or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        raise TypeError(f"{name} must be a pair of ints (left, right), got {value!r}")
+    left, right = value
+    if left < -1 or right < -1:
+        raise ValueError(f"{name} sides must be -1 (unbounded) or >= 0, got {tuple(value)}")
+    return left, right
+
+
+def tracing() -> bool:
+    """True while torch.compile traces: tensor data cannot be read then."""
+    return torch.compiler.is_compiling()
+
+
+def cu_seqlens_values(name: str, cu_seqlens: Tensor, total: int, total_name: str) -> list[int]:
+    """cu_seqlens starts at 0, never decreases, and ends at `total`; returns the list."""
+    values = cu_seqlens.tolist()
+    if values[0] != 0:
+        raise ValueError(f"{name}[0] must be 0, got {values[0]}")
+    if any(b < a for a, b in zip(values, values[1:])):
+        raise ValueError(f"{name} must be non-decreasing, got {values}")
+    if values[-1] != total:
+        raise ValueError(f"{name}[-1] must equal {total_name} = {total}, got {values[-1]}")
+    return values

@@ -1,0 +1,207 @@
+"""fastattn.decode_attention: attention of a few new queries over a (paged) KV cache.
+
+Registered op (forward only; decoding never needs a gradient):
+    fastattn::decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, block_table?,
+        alibi_slopes?, scale, window_left, softcap, backend)
+        -> (out (b, h, q_len, dv), lse (b, h, q_len) fp32)
+
+The q_len queries are the last q_len of the cache_seqlens[b] valid positions, causal
+among themselves; window_left bounds how far back each query sees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import _validate as check
+from .. import reference
+from . import attention as dense
+from ._common import BackendTable
+
+MAX_QUERY_LEN = 16
+
+
+@dataclass(frozen=True)
+class DecodeCall:
+    dtype: torch.dtype
+    head_dim: int
+    paged: bool
+    page_size: int
+    softcap: float
+    return_lse: bool
+
+
+def _naive_forward(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, scale,
+                   window_left, softcap):
+    out, lse = reference.decode_attention(
+        q, k_cache, v_cache, cache_seqlens, block_table=block_table, scale=scale,
+        window_size=(window_left, -1), softcap=softcap, alibi_slopes=alibi_slopes, return_lse=True,
+    )
+    return out.contiguous(), lse.contiguous()
+
+
+def _torch_forward(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, scale,
+                   window_left, softcap):
+    """One batched F.scaled_dot_product_attention over the whole cache with a
+    length + causal (+ window) mask; a paged cache is gathered into a dense one first."""
+    if block_table is not None:
+        batch, pages = block_table.shape
+        page_size = k_cache.shape[2]
+        gathered = (
+            cache[block_table.long()]  # (b, pages, hk, page_size, d)
+            .transpose(1, 2)
+            .reshape(batch, cache.shape[1], pages * page_size, cache.shape[3])  # (b, hk, L, d)
+            for cache in (k_cache, v_cache)
+        )
+        k_cache, v_cache = gathered
+    q_len, max_len = q.shape[2], k_cache.shape[2]
+    # Query t of sequence b sits at absolute position cache_seqlens[b] - q_len + t.
+    query_pos = cache_seqlens.long()[:, None] - q_len + torch.arange(q_len, device=q.device)  # (b, q_len)
+    key_pos = torch.arange(max_len, device=q.device)  # (L,)
+    visible = key_pos[None, None, :] <= query_pos[:, :, None]  # (b, q_len, L)
+    if window_left >= 0:
+        visible &= key_pos[None, None, :] >= query_pos[:, :, None] - window_left
+    mask = visible[:, None]  # (b, 1, q_len, L)
+    if alibi_slopes is not None:
+        slopes = alibi_slopes if alibi_slopes.dim() == 2 else alibi_slopes[None]  # (b|1, h)
+        distance = (query_pos[:, :, None] - key_pos[None, None, :]).abs().to(q.dtype)  # (b, q_len, L)
+        mask = (-slopes[:, :, None, None].to(q.dtype) * distance[:, None]).masked_fill(
+            ~visible[:, None], float("-inf")
+        )  # (b, h, q_len, L)
+    out = F.scaled_dot_product_attention(
+        q, k_cache, v_cache, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k_cache.shape[1]
+    )
+    out = torch.nan_to_num(out, nan=0.0)
+    lse = torch.full(q.shape[:3], float("nan"), dtype=torch.float32, device=q.device)
+    return out.contiguous(), lse
+
+
+def _limits(backend: str, call: DecodeCall) -> Optional[str]:
+    if backend == "torch":
+        if call.softcap > 0:
+            return "F.scaled_dot_product_attention has no softcap"
+        if call.return_lse:
+            return "F.scaled_dot_product_attention does not return the logsumexp"
+    return None
+
+
+BACKENDS = BackendTable(
+    "decode_attention", forward={"naive": _naive_forward, "torch": _torch_forward}, backward={},
+    limits=_limits,
+)
+
+
+@torch.library.custom_op("fastattn::decode_attention_fwd", mutates_args=())
+def decode_attention_fwd(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_seqlens: Tensor,
+    block_table: Optional[Tensor],
+    alibi_slopes: Optional[Tensor],
+    scale: float,
+    window_left: int,
+    softcap: float,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    return BACKENDS.forward[backend](q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes,
+                                     scale, window_left, softcap)
+
+
+@decode_attention_fwd.register_fake
+def _decode_attention_fwd_fake(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes,
+                               scale, window_left, softcap, backend):
+    batch, heads, q_len, _ = q.shape
+    out = q.new_empty(batch, heads, q_len, v_cache.shape[-1])
+    lse = q.new_empty(batch, heads, q_len, dtype=torch.float32)
+    return out, lse
+
+
+def decode_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_seqlens: Tensor,
+    *,
+    scale: Optional[float] = None,
+    block_table: Optional[Tensor] = None,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[Tensor] = None,
+    return_lse: bool = False,
+    backend: Optional[str] = None,
+):
+    """Decoding attention over a KV cache (forward only).
+
+    q: (batch, heads, q_len, head_dim), q_len 1..16. Contiguous cache: k_cache, v_cache
+    (batch, kv_heads, max_len, head_dim). Paged cache: (num_pages, kv_heads, page_size,
+    head_dim) with block_table (batch, max_pages) int32. cache_seqlens (batch,) int32
+    counts the valid cache entries including the current q_len tokens. window_size:
+    only the left side applies (the queries are the newest positions). Returns out
+    (batch, heads, q_len, head_dim) and, with return_lse, lse (batch, heads, q_len).
+    """
+    check.tensor("q", q, ndim=4)
+    check.tensor("k_cache", k_cache, ndim=4)
+    check.tensor("v_cache", v_cache, ndim=4)
+    check.same_dtype(q=q, k_cache=k_cache, v_cache=v_cache)
+    device = check.same_device(q=q, k_cache=k_cache, v_cache=v_cache)
+    batch, heads, q_len, head_dim = q.shape
+    if not 1 <= q_len <= MAX_QUERY_LEN:
+        raise ValueError(f"q_len (dim 2 of q, (batch, heads, q_len, head_dim)) must be in 1..{MAX_QUERY_LEN}, got {q_len}")
+    if k_cache.shape[-1] != head_dim or head_dim == 0:
+        raise ValueError(
+            f"k_cache head_dim ({k_cache.shape[-1]}) must equal q's head_dim ({head_dim}) and be > 0"
+        )
+    if k_cache.shape[:-1] != v_cache.shape[:-1]:
+        raise ValueError(
+            f"k_cache and v_cache must agree on every dim but head_dim; got {tuple(k_cache.shape)} "
+            f"and {tuple(v_cache.shape)}"
+        )
+    dense.check_gqa(heads, k_cache.shape[1])
+    seqlens = check.tensor("cache_seqlens", cache_seqlens, ndim=1, dtypes=(torch.int32,))
+    check.shape("cache_seqlens", seqlens, (batch,), "(batch,)")
+    check.same_device(q=q, cache_seqlens=seqlens)
+    if block_table is None:
+        if k_cache.shape[0] != batch:
+            raise ValueError(
+                f"a contiguous k_cache must have shape (batch, kv_heads, max_len, head_dim) with "
+                f"batch {batch}, got {tuple(k_cache.shape)} (pass block_table for a paged cache)"
+            )
+        capacity = k_cache.shape[2]
+    else:
+        table = check.tensor("block_table", block_table, ndim=2, dtypes=(torch.int32,))
+        check.same_device(q=q, block_table=table)
+        if table.shape[0] != batch:
+            raise ValueError(f"block_table must have shape (batch, max_pages) with batch {batch}, got {tuple(table.shape)}")
+        capacity = table.shape[1] * k_cache.shape[2]
+    left, _ = check.window("window_size", window_size)
+    check.number("softcap", softcap, minimum=0.0)
+    check.boolean("return_lse", return_lse)
+    scale = dense.check_scale(scale, head_dim)
+    slopes = dense.check_alibi_slopes(alibi_slopes, batch, heads, device)
+    if not check.tracing() and batch > 0:
+        lengths = seqlens.tolist()
+        if min(lengths) < q_len or max(lengths) > capacity:
+            where = "block_table pages × page_size" if block_table is not None else "the cache's max_len"
+            raise ValueError(
+                f"cache_seqlens must lie in [q_len, capacity] = [{q_len}, {capacity}] ({where}); "
+                f"got min {min(lengths)}, max {max(lengths)}"
+            )
+        if block_table is not None:
+            pages_needed = (seqlens.long() + k_cache.shape[2] - 1) // k_cache.shape[2]  # (b,)
+            columns = torch.arange(block_table.shape[1], device=device)
+            used = block_table[columns[None, :] < pages_needed[:, None]]  # the pages in use
+            if used.numel() and (int(used.min()) < 0 or int(used.max()) >= k_cache.shape[0]):
+                raise ValueError(
+                    f"block_table entries must index pages 0..{k_cache.shape[0] - 1} of k_cache"
+                )
+    call = DecodeCall(q.dtype, head_dim, block_table is not None, k_cache.shape[2], softcap, return_lse)
+    name = BACKENDS.resolve(backend, device, call)
+    out, lse = decode_attention_fwd(q, k_cache, v_cache, seqlens, block_table, slopes, scale, left,
+                                    float(softcap), name)
+    return (out, lse) if return_lse else out

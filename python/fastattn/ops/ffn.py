@@ -1,0 +1,202 @@
+"""fastattn.ffn: act(x·W1ᵀ + b1)·W2ᵀ + b2, and the checks shared with gated_ffn.
+
+Registered ops, on x flattened to (tokens, d_model):
+    fastattn::ffn_fwd(x, w1, b1?, w2, b2?, activation, save_hidden, backend)
+        -> (y (tokens, d_out), hidden_pre (tokens, d_hidden) or a 0-element placeholder)
+    fastattn::ffn_bwd(dy, x, w1, b1?, w2, b2?, hidden_pre, activation, backend)
+        -> (dx, dw1, db1, dw2, db2)
+
+hidden_pre = x·W1ᵀ + b1 is kept for backward unless recompute=True (save_hidden False),
+which keeps only x and recomputes it. Absent biases get 0-element placeholder grads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import _validate as check
+from .. import reference
+from ._common import BackendTable, empty_placeholder, vjp_by_recompute
+
+ACTIVATIONS = reference.ACTIVATIONS
+
+
+@dataclass(frozen=True)
+class FfnCall:
+    dtype: torch.dtype
+    d_model: int
+    d_hidden: int
+    activation: str
+
+
+def no_limits(backend: str, call: FfnCall) -> Optional[str]:
+    return None
+
+
+def _naive_hidden(x, w1, b1):
+    hidden = torch.matmul(x, w1.t())  # (tokens, d_hidden)
+    return hidden if b1 is None else hidden + b1
+
+
+def _naive_forward(x, w1, b1, w2, b2, activation, save_hidden):
+    hidden = _naive_hidden(x, w1, b1)
+    y = torch.matmul(reference.activation(hidden, activation), w2.t())  # (tokens, d_out)
+    if b2 is not None:
+        y = y + b2
+    return y, hidden if save_hidden else empty_placeholder(x)
+
+
+def _torch_forward(x, w1, b1, w2, b2, activation, save_hidden):
+    hidden = F.linear(x, w1, b1)  # (tokens, d_hidden)
+    y = F.linear(reference.torch_activation(hidden, activation), w2, b2)  # (tokens, d_out)
+    return y, hidden if save_hidden else empty_placeholder(x)
+
+
+def _backward_by_recompute(forward):
+    """A backward for the reference backends: gradients by recomputing the forward
+    (hidden_pre is not needed)."""
+
+    def backward(dy, x, w1, b1, w2, b2, hidden_pre, activation):
+        grads = vjp_by_recompute(
+            lambda *args: forward(*args, activation, False)[:1], (x, w1, b1, w2, b2), (True,) * 5, (dy,)
+        )
+        return tuple(empty_placeholder(x) if g is None else g for g in grads)
+
+    return backward
+
+
+BACKENDS = BackendTable(
+    "ffn",
+    forward={"naive": _naive_forward, "torch": _torch_forward},
+    backward={"naive": _backward_by_recompute(_naive_forward),
+              "torch": _backward_by_recompute(_torch_forward)},
+    limits=no_limits,
+)
+
+
+@torch.library.custom_op("fastattn::ffn_fwd", mutates_args=())
+def ffn_fwd(
+    x: Tensor,
+    w1: Tensor,
+    b1: Optional[Tensor],
+    w2: Tensor,
+    b2: Optional[Tensor],
+    activation: str,
+    save_hidden: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    return BACKENDS.forward[backend](x, w1, b1, w2, b2, activation, save_hidden)
+
+
+@ffn_fwd.register_fake
+def _ffn_fwd_fake(x, w1, b1, w2, b2, activation, save_hidden, backend):
+    hidden = x.new_empty(x.shape[0], w1.shape[0]) if save_hidden else empty_placeholder(x)
+    return x.new_empty(x.shape[0], w2.shape[0]), hidden
+
+
+@torch.library.custom_op("fastattn::ffn_bwd", mutates_args=())
+def ffn_bwd(
+    dy: Tensor,
+    x: Tensor,
+    w1: Tensor,
+    b1: Optional[Tensor],
+    w2: Tensor,
+    b2: Optional[Tensor],
+    hidden_pre: Tensor,
+    activation: str,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return BACKENDS.backward[backend](dy, x, w1, b1, w2, b2, hidden_pre, activation)
+
+
+@ffn_bwd.register_fake
+def _ffn_bwd_fake(dy, x, w1, b1, w2, b2, hidden_pre, activation, backend):
+    return tuple(empty_placeholder(x) if t is None else torch.empty_like(t) for t in (x, w1, b1, w2, b2))
+
+
+def _setup_context(ctx, inputs, output):
+    x, w1, b1, w2, b2, activation, save_hidden, backend = inputs
+    ctx.save_for_backward(x, w1, b1, w2, b2, output[1])
+    ctx.activation, ctx.backend = activation, backend
+
+
+def _backward(ctx, dy, dhidden):
+    x, w1, b1, w2, b2, hidden_pre = ctx.saved_tensors
+    dx, dw1, db1, dw2, db2 = ffn_bwd(dy, x, w1, b1, w2, b2, hidden_pre, ctx.activation, ctx.backend)
+    return (dx, dw1, db1 if b1 is not None else None, dw2, db2 if b2 is not None else None,
+            None, None, None)
+
+
+ffn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def check_activation(activation: object) -> str:
+    if not isinstance(activation, str):
+        raise TypeError(f"activation must be a str, got {type(activation).__name__}")
+    check.choice("activation", activation, ACTIVATIONS)
+    return activation
+
+
+def check_ffn_inputs(x: object, **weights: Optional[Tensor]) -> None:
+    """x (..., d_model) and weights/biases: tensors of x's dtype on x's device."""
+    check.tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError(f"x must be at least 1-D (..., d_model), got shape {tuple(x.shape)}")
+    for name, t in weights.items():
+        if t is not None:
+            check.tensor(name, t)
+    check.same_dtype(x=x, **weights)
+    check.same_device(x=x, **weights)
+
+
+def check_weight(name: str, weight: Tensor, rows: int, rows_name: str, cols: int, cols_name: str) -> None:
+    check.tensor(name, weight, ndim=2)
+    if weight.shape[1] != cols:
+        raise ValueError(
+            f"{name} must have shape ({rows_name}, {cols_name}) in nn.Linear's layout with "
+            f"{cols_name} = {cols}; got {tuple(weight.shape)}"
+        )
+    if rows >= 0 and weight.shape[0] != rows:
+        raise ValueError(
+            f"{name} must have shape ({rows_name}, {cols_name}) with {rows_name} = {rows}; "
+            f"got {tuple(weight.shape)}"
+        )
+
+
+def ffn(
+    x: Tensor,
+    w1: Tensor,
+    b1: Optional[Tensor],
+    w2: Tensor,
+    b2: Optional[Tensor],
+    *,
+    activation: str = "gelu",
+    recompute: bool = False,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """The Transformer feed-forward block act(x·W1ᵀ + b1)·W2ᵀ + b2.
+
+    x: (..., d_model); w1: (d_hidden, d_model); b1: (d_hidden,) or None;
+    w2: (d_out, d_hidden); b2: (d_out,) or None (nn.Linear's layout). activation:
+    gelu (exact), gelu_tanh, relu, silu. recompute=True keeps only x for backward.
+    Returns (..., d_out).
+    """
+    check_ffn_inputs(x, w1=w1, b1=b1, w2=w2, b2=b2)
+    d_model = x.shape[-1]
+    check_weight("w1", w1, -1, "d_hidden", d_model, "d_model")
+    d_hidden = w1.shape[0]
+    check_weight("w2", w2, -1, "d_out", d_hidden, "d_hidden")
+    for name, bias, size, meaning in (("b1", b1, d_hidden, "(d_hidden,)"), ("b2", b2, w2.shape[0], "(d_out,)")):
+        if bias is not None:
+            check.shape(name, bias, (size,), meaning)
+    check_activation(activation)
+    check.boolean("recompute", recompute)
+    name = BACKENDS.resolve(backend, x.device, FfnCall(x.dtype, d_model, d_hidden, activation))
+    x2d = x.reshape(-1, d_model)  # (tokens, d_model)
+    y, _ = ffn_fwd(x2d, w1, b1, w2, b2, activation, not recompute, name)
+    return y.reshape(*x.shape[:-1], w2.shape[0])  # (..., d_out)

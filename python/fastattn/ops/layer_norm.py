@@ -1,0 +1,247 @@
+"""fastattn.layer_norm, and the argument checks and backward wiring it shares with
+fastattn.rms_norm (ops/rms_norm.py).
+
+Registered ops, on x flattened to (rows, hidden):
+    fastattn::layer_norm_fwd(x, weight?, bias?, residual?, eps, residual_in_fp32, backend)
+        -> (y, residual_out, mean, rstd)
+    fastattn::layer_norm_bwd(dy, dresidual_out?, s, weight?, bias?, mean, rstd, eps, backend)
+        -> (ds, dweight, dbias)
+
+s = x + residual (residual_out, in the residual's dtype or fp32 when residual_in_fp32)
+is what gets normalized; without a residual s is x and residual_out is a 0-element
+placeholder. mean and rstd are (rows,) fp32. Absent outputs/gradients are 0-element
+placeholders. ds is the gradient of s: it is both dx and dresidual.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _validate as check
+from .. import reference
+from ._common import BackendTable, empty_placeholder, is_placeholder, vjp_by_recompute
+
+
+@dataclass(frozen=True)
+class NormCall:
+    dtype: torch.dtype
+    hidden: int
+    has_residual: bool
+
+
+def no_limits(backend: str, call: NormCall) -> Optional[str]:
+    return None
+
+
+def residual_out_or_placeholder(x: Tensor, residual: Optional[Tensor], summed: Tensor) -> Tensor:
+    return summed if residual is not None else empty_placeholder(x)
+
+
+def fake_residual_out(x: Tensor, residual: Optional[Tensor], residual_in_fp32: bool) -> Tensor:
+    if residual is None:
+        return empty_placeholder(x)
+    return torch.empty_like(x, dtype=reference.residual_dtype(x, residual, residual_in_fp32))
+
+
+def add_residual(x: Tensor, residual: Optional[Tensor], residual_in_fp32: bool) -> Tensor:
+    """s = x + residual in the residual dtype (x itself when there is no residual)."""
+    if residual is None:
+        return x
+    dtype = reference.residual_dtype(x, residual, residual_in_fp32)
+    return x.to(dtype) + residual.to(dtype)
+
+
+def _naive_forward(x, weight, bias, residual, eps, residual_in_fp32):
+    y, summed, mean, rstd = reference.layer_norm(
+        x, weight, bias, eps, residual=residual, prenorm=True,
+        residual_in_fp32=residual_in_fp32 and residual is not None, return_stats=True,
+    )
+    return y, residual_out_or_placeholder(x, residual, summed), mean, rstd
+
+
+def _torch_forward(x, weight, bias, residual, eps, residual_in_fp32):
+    summed = add_residual(x, residual, residual_in_fp32)
+    cast = lambda t: None if t is None else t.to(summed.dtype)
+    y, mean, rstd = torch.native_layer_norm(summed, [summed.shape[-1]], cast(weight), cast(bias), eps)
+    return (y.to(x.dtype), residual_out_or_placeholder(x, residual, summed),
+            mean.reshape(-1).float(), rstd.reshape(-1).float())
+
+
+def _naive_normalize(eps):
+    return lambda s, w, b: reference.layer_norm(s, w, b, eps)
+
+
+def _torch_normalize(eps):
+    cast = lambda t, s: None if t is None else t.to(s.dtype)
+    return lambda s, w, b: torch.nn.functional.layer_norm(s, [s.shape[-1]], cast(w, s), cast(b, s), eps)
+
+
+def _backward_by_recompute(normalize_with_eps):
+    """A backward for the reference backends: gradients by recomputing the norm of s."""
+
+    def backward(dy, dresidual_out, summed, weight, bias, mean, rstd, eps):
+        return recompute_norm_grads(normalize_with_eps(eps), dy, dresidual_out, summed, (weight, bias))
+
+    return backward
+
+
+BACKENDS = BackendTable(
+    "layer_norm",
+    forward={"naive": _naive_forward, "torch": _torch_forward},
+    backward={"naive": _backward_by_recompute(_naive_normalize),
+              "torch": _backward_by_recompute(_torch_normalize)},
+    limits=no_limits,
+)
+
+
+@torch.library.custom_op("fastattn::layer_norm_fwd", mutates_args=())
+def layer_norm_fwd(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    eps: float,
+    residual_in_fp32: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return BACKENDS.forward[backend](x, weight, bias, residual, eps, residual_in_fp32)
+
+
+@layer_norm_fwd.register_fake
+def _layer_norm_fwd_fake(x, weight, bias, residual, eps, residual_in_fp32, backend):
+    stats = x.new_empty(x.shape[0], dtype=torch.float32)
+    return (torch.empty_like(x), fake_residual_out(x, residual, residual_in_fp32), stats,
+            torch.empty_like(stats))
+
+
+def recompute_norm_grads(normalize, dy, dresidual_out, summed, params):
+    """(ds, *dparams) by recomputing y = normalize(s, *params) under vjp; absent params
+    get placeholders. dresidual_out (the gradient of s returned by prenorm) adds to ds."""
+    grads = vjp_by_recompute(
+        lambda s, *p: (normalize(s, *p),), (summed, *params), (True,) * (1 + len(params)), (dy,)
+    )
+    ds = grads[0]
+    if dresidual_out is not None and not is_placeholder(dresidual_out):
+        ds = ds + dresidual_out.to(ds.dtype)
+    return (ds, *(empty_placeholder(summed) if g is None else g for g in grads[1:]))
+
+
+@torch.library.custom_op("fastattn::layer_norm_bwd", mutates_args=())
+def layer_norm_bwd(
+    dy: Tensor,
+    dresidual_out: Optional[Tensor],
+    summed: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    mean: Tensor,
+    rstd: Tensor,
+    eps: float,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return BACKENDS.backward[backend](dy, dresidual_out, summed, weight, bias, mean, rstd, eps)
+
+
+@layer_norm_bwd.register_fake
+def _layer_norm_bwd_fake(dy, dresidual_out, summed, weight, bias, mean, rstd, eps, backend):
+    like_or_placeholder = lambda t: empty_placeholder(summed) if t is None else torch.empty_like(t)
+    return torch.empty_like(summed), like_or_placeholder(weight), like_or_placeholder(bias)
+
+
+def split_ds(ctx, ds: Tensor):
+    """ds is the gradient of s = x + residual: it is dx and dresidual, in their dtypes."""
+    dx = ds.to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+    dresidual = None
+    if ctx.residual_dtype is not None and ctx.needs_input_grad[ctx.residual_index]:
+        dresidual = ds.to(ctx.residual_dtype)
+        if dresidual is dx:
+            dresidual = dx.clone()
+    return dx, dresidual
+
+
+def save_norm_context(ctx, x, residual, residual_out, residual_index):
+    ctx.x_dtype = x.dtype
+    ctx.residual_dtype = None if residual is None else residual.dtype
+    ctx.residual_index = residual_index
+    return x if residual is None else residual_out
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, residual, eps, residual_in_fp32, backend = inputs
+    y, residual_out, mean, rstd = output
+    summed = save_norm_context(ctx, x, residual, residual_out, residual_index=3)
+    ctx.save_for_backward(summed, weight, bias, mean, rstd)
+    ctx.eps, ctx.backend = eps, backend
+
+
+def _backward(ctx, dy, dresidual_out, dmean, drstd):
+    summed, weight, bias, mean, rstd = ctx.saved_tensors
+    ds, dweight, dbias = layer_norm_bwd(dy, dresidual_out, summed, weight, bias, mean, rstd, ctx.eps,
+                                        ctx.backend)
+    dx, dresidual = split_ds(ctx, ds)
+    return (dx, dweight if weight is not None else None, dbias if bias is not None else None,
+            dresidual, None, None, None)
+
+
+layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def check_norm_args(x, weight, bias, residual, eps, prenorm, residual_in_fp32):
+    """Shared validation of layer_norm and rms_norm; returns hidden."""
+    check.tensor("x", x)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must have a last (hidden) dim > 0, got shape {tuple(x.shape)}")
+    hidden = x.shape[-1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            check.tensor(name, t, ndim=1)
+            check.shape(name, t, (hidden,), "(hidden,)")
+            check.same_device(x=x, **{name: t})
+    if residual is not None:
+        check.tensor("residual", residual)
+        if residual.shape != x.shape:
+            raise ValueError(f"residual must have the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}")
+        check.same_device(x=x, residual=residual)
+    check.number("eps", eps, minimum=0.0)
+    check.boolean("prenorm", prenorm)
+    check.boolean("residual_in_fp32", residual_in_fp32)
+    return hidden
+
+
+def finish_norm(x, y, residual, residual_out, prenorm, residual_in_fp32):
+    """Reshape back to x's shape; with prenorm also return s = x + residual."""
+    y = y.reshape(x.shape)
+    if not prenorm:
+        return y
+    if residual is None:
+        return y, (x.float() if residual_in_fp32 and x.dtype != torch.float64 else x)
+    return y, residual_out.reshape(x.shape)
+
+
+def layer_norm(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+    *,
+    residual: Optional[Tensor] = None,
+    prenorm: bool = False,
+    residual_in_fp32: bool = False,
+    backend: Optional[str] = None,
+):
+    """Layer norm over the last dim of x, optionally of x + residual.
+
+    x: (..., hidden); weight, bias: (hidden,) or None; residual: like x. The sum
+    s = x + residual is formed in the residual's dtype (fp32 with residual_in_fp32)
+    and normalized; y has x's dtype. prenorm=True returns (y, s) so s can feed the
+    next residual branch.
+    """
+    hidden = check_norm_args(x, weight, bias, residual, eps, prenorm, residual_in_fp32)
+    name = BACKENDS.resolve(backend, x.device, NormCall(x.dtype, hidden, residual is not None))
+    x2d = x.reshape(-1, hidden)  # (rows, hidden)
+    residual2d = None if residual is None else residual.reshape(-1, hidden)  # (rows, hidden)
+    y, residual_out, _, _ = layer_norm_fwd(x2d, weight, bias, residual2d, float(eps), residual_in_fp32, name)
+    return finish_norm(x, y, residual, residual_out, prenorm, residual_in_fp32)
