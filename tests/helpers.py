@@ -28,7 +28,7 @@ ATOL = {
 def max_error(value: torch.Tensor, reference: torch.Tensor) -> float:
     if value.numel() == 0:
         return 0.0
-    diff = (value.double() - reference.double()).abs()
+    diff = (value.detach().double() - reference.detach().double()).abs()
     return float(diff.max())
 
 

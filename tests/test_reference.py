@@ -221,3 +221,98 @@ def test_gated_ffn_is_swiglu_and_geglu():
     close(reference.gated_ffn(x, gate.weight, up.weight, down.weight), down(F.silu(gate(x)) * up(x)))
     close(reference.gated_ffn(x, gate.weight, up.weight, down.weight, activation_name="gelu"),
           down(F.gelu(gate(x)) * up(x)))
+
+
+# ----------------------------------------------------------------------------- backward formulas
+# The explicit backward of each op (the naive backend's, and the formulas the kernels
+# implement) against autograd through the forward, in float64.
+
+
+def autograd_of(forward, inputs, cotangents):
+    leaves_ = [t.detach().requires_grad_() if t is not None else None for t in inputs]
+    outputs = forward(*leaves_)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    present = [t for t in leaves_ if t is not None]
+    found = iter(torch.autograd.grad(outputs, present, cotangents))
+    return [next(found) if t is not None else None for t in leaves_]
+
+
+@pytest.mark.parametrize("options", [
+    dict(),
+    dict(causal=True, softcap=3.0),
+    dict(window_size=(4, 1), attn_bias="float", bias_needs_grad=True),
+    dict(attn_bias="bool", alibi_slopes=True),
+    dict(dropout_p=0.3, causal=True),
+    dict(causal=True, top_left=True, with_dlse=True),
+], ids=["plain", "causal-softcap", "window-bias", "mask-alibi", "dropout", "top-left-dlse"])
+def test_attention_backward_matches_autograd(options):
+    options = dict(options)
+    q, k, v = qkv(heads=4, kv_heads=2, seqlen_q=9, seqlen_k=12)
+    if options.get("attn_bias") == "float":
+        options["attn_bias"] = torch.randn(1, 4, 9, 1, dtype=F64)
+    elif options.get("attn_bias") == "bool":
+        options["attn_bias"] = torch.rand(9, 12) > 0.5
+    if options.get("alibi_slopes"):
+        options["alibi_slopes"] = torch.rand(4, dtype=F64)
+    if options.get("dropout_p"):
+        options["dropout_mask"] = torch.rand(2, 4, 9, 12) >= options["dropout_p"]
+    with_dlse = options.pop("with_dlse", False)
+    bias_needs_grad = options.pop("bias_needs_grad", False)
+    bias = options.pop("attn_bias", None)
+    dout = torch.randn(2, 4, 9, 16, dtype=F64)
+    dlse = torch.randn(2, 4, 9, dtype=torch.float32) if with_dlse else None
+    forward = lambda q_, k_, v_, b_: reference.attention(q_, k_, v_, attn_bias=b_, return_lse=True, **options)
+    cot = (dout, dlse if dlse is not None else torch.zeros(2, 4, 9))
+    grad_bias = bias if bias_needs_grad else None
+    expected = autograd_of(lambda q_, k_, v_, b_: forward(q_, k_, v_, b_ if b_ is not None else bias),
+                           (q, k, v, grad_bias), cot)
+    got = reference.attention_backward(dout, q, k, v, dlse=dlse, attn_bias=bias,
+                                       bias_needs_grad=bias_needs_grad, **options)
+    for name, e, g in zip(("dq", "dk", "dv", "dbias"), expected, got):
+        if e is None:
+            assert g is None, name
+        else:
+            close(g, e, tol=1e-6)
+
+
+def test_varlen_attention_backward_matches_autograd():
+    cu_q = torch.tensor([0, 3, 3, 8], dtype=torch.int32)
+    cu_k = torch.tensor([0, 4, 6, 12], dtype=torch.int32)
+    q, k, v = (torch.randn(n, h, 8, dtype=F64) for n, h in ((8, 4), (12, 2), (12, 2)))
+    dout, dlse = torch.randn(8, 4, 8, dtype=F64), torch.randn(4, 8)
+    expected = autograd_of(
+        lambda *t: reference.varlen_attention(*t, cu_q, cu_k, causal=True, return_lse=True), (q, k, v), (dout, dlse)
+    )
+    got = reference.varlen_attention_backward(dout, q, k, v, cu_q, cu_k, dlse=dlse, causal=True)
+    for e, g in zip(expected, got):
+        close(g, e, tol=1e-6)
+
+
+def test_norm_backwards_match_autograd():
+    s, dy = torch.randn(6, 37, dtype=F64), torch.randn(6, 37, dtype=F64)
+    w, b = torch.randn(37, dtype=F64), torch.randn(37, dtype=F64)
+    for weight, bias in ((w, b), (None, None)):
+        expected = autograd_of(lambda *t: reference.layer_norm(*t, 1e-5), (s, weight, bias), (dy,))
+        for e, g in zip(expected, reference.layer_norm_backward(dy, s, weight, bias, 1e-5)):
+            assert (e is None) == (g is None)
+            if e is not None:
+                close(g, e)
+        expected = autograd_of(lambda *t: reference.rms_norm(*t, 1e-6), (s, weight), (dy,))
+        for e, g in zip(expected, reference.rms_norm_backward(dy, s, weight, 1e-6)):
+            assert (e is None) == (g is None)
+            if e is not None:
+                close(g, e)
+
+
+@pytest.mark.parametrize("name", reference.ACTIVATIONS)
+def test_ffn_backwards_match_autograd(name):
+    x, dy = torch.randn(7, 12, dtype=F64), torch.randn(7, 10, dtype=F64)
+    w1, b1, w2, b2 = (torch.randn(*shape, dtype=F64) for shape in ((20, 12), (20,), (10, 20), (10,)))
+    expected = autograd_of(lambda *t: reference.ffn(*t, activation_name=name), (x, w1, b1, w2, b2), (dy,))
+    for e, g in zip(expected, reference.ffn_backward(dy, x, w1, b1, w2, b2, activation_name=name)):
+        close(g, e)
+    assert reference.ffn_backward(dy, x, w1, None, w2, None, activation_name=name)[2] is None
+    wg, wu, wd = (torch.randn(*shape, dtype=F64) for shape in ((20, 12), (20, 12), (10, 20)))
+    expected = autograd_of(lambda *t: reference.gated_ffn(*t, activation_name=name), (x, wg, wu, wd), (dy,))
+    for e, g in zip(expected, reference.gated_ffn_backward(dy, x, wg, wu, wd, activation_name=name)):
+        close(g, e)

@@ -72,6 +72,54 @@ def dropout_keep_mask(
     return torch.rand(shape, device=device, generator=generator) >= dropout_p
 
 
+def _attention_probs(q, k, *, scale, window_size, softcap, alibi_slopes, attn_bias, top_left):
+    """Softmax weights of the masked scores, with what the forward and backward share.
+
+    k is already expanded to q's heads. Returns (probs, lse, capped) where capped is
+    tanh(raw/softcap) (None without softcap), needed by the softcap derivative.
+    """
+    seqlen_q, seqlen_k = q.shape[2], k.shape[2]
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (b, h, sq, sk)
+    capped = None
+    if softcap > 0:
+        capped = torch.tanh(scores / softcap)
+        scores = softcap * capped
+    if alibi_slopes is not None:
+        scores = scores + alibi_bias(alibi_slopes, seqlen_q, seqlen_k, top_left, scores.dtype)
+    visible = attention_visibility(seqlen_q, seqlen_k, window_size[0], window_size[1], top_left, q.device)
+    if attn_bias is not None:
+        if attn_bias.dtype == torch.bool:
+            visible = attn_bias if visible is None else visible & attn_bias
+        else:
+            scores = scores + attn_bias.to(scores.dtype)
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+    if seqlen_k > 0:
+        row_max = scores.amax(dim=-1, keepdim=True)
+    else:
+        row_max = scores.new_full((*scores.shape[:-1], 1), float("-inf"))
+    # A fully masked row has max -inf; shifting by 0 there keeps exp() at 0 instead of NaN.
+    row_max = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
+    weights = torch.exp(scores - row_max)
+    row_sum = weights.sum(dim=-1, keepdim=True)
+    probs = weights / torch.where(row_sum == 0, torch.ones_like(row_sum), row_sum)
+    lse = (torch.log(row_sum) + row_max).squeeze(-1)  # (b, h, sq)
+    return probs, lse, capped
+
+
+def _expand_kv(t: Tensor, heads: int) -> Tensor:
+    """(b, hk, s, d) -> (b, h, s, d): each KV head repeated for its group of query heads."""
+    return t if t.shape[1] == heads else t.repeat_interleave(heads // t.shape[1], dim=1)
+
+
+def _fold_kv_grad(grad: Tensor, kv_heads: int) -> Tensor:
+    """(b, h, s, d) -> (b, hk, s, d): sum the gradient over each group of query heads."""
+    batch, heads = grad.shape[:2]
+    if heads == kv_heads:
+        return grad
+    return grad.reshape(batch, kv_heads, heads // kv_heads, *grad.shape[2:]).sum(dim=2)
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -97,45 +145,98 @@ def attention(
     else drawn from `generator`. lse (b, h, sq) fp32 is of the scores before dropout;
     a fully masked row gives output 0 and lse -inf.
     """
-    batch, heads, seqlen_q, _ = q.shape
-    kv_heads, seqlen_k = k.shape[1], k.shape[2]
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    if kv_heads != heads:
-        k = k.repeat_interleave(heads // kv_heads, dim=1)  # (b, h, sk, d)
-        v = v.repeat_interleave(heads // kv_heads, dim=1)  # (b, h, sk, dv)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (b, h, sq, sk)
-    if softcap > 0:
-        scores = softcap * torch.tanh(scores / softcap)
-    if alibi_slopes is not None:
-        scores = scores + alibi_bias(alibi_slopes, seqlen_q, seqlen_k, top_left, scores.dtype)
-    visible = attention_visibility(
-        seqlen_q, seqlen_k, window_size[0], 0 if causal else window_size[1], top_left, q.device
+    heads = q.shape[1]
+    probs, lse, _ = _attention_probs(
+        q, _expand_kv(k, heads), scale=_default_scale(q, scale),
+        window_size=(window_size[0], 0 if causal else window_size[1]), softcap=softcap,
+        alibi_slopes=alibi_slopes, attn_bias=attn_bias, top_left=top_left,
     )
-    if attn_bias is not None:
-        if attn_bias.dtype == torch.bool:
-            visible = attn_bias if visible is None else visible & attn_bias
-        else:
-            scores = scores + attn_bias.to(scores.dtype)
-    if visible is not None:
-        scores = scores.masked_fill(~visible, float("-inf"))
-    row_max = scores.amax(dim=-1, keepdim=True) if seqlen_k > 0 else scores.new_full(
-        (*scores.shape[:-1], 1), float("-inf")
-    )
-    # A fully masked row has max -inf; shifting by 0 there keeps exp() at 0 instead of NaN.
-    row_max = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
-    weights = torch.exp(scores - row_max)
-    row_sum = weights.sum(dim=-1, keepdim=True)
-    probs = weights / torch.where(row_sum == 0, torch.ones_like(row_sum), row_sum)
     if dropout_p > 0:
         if dropout_mask is None:
             dropout_mask = dropout_keep_mask(probs.shape, dropout_p, q.device, generator)
         probs = probs * dropout_mask / (1.0 - dropout_p)
-    out = torch.matmul(probs.to(v.dtype), v)  # (b, h, sq, dv)
-    if not return_lse:
-        return out
-    lse = (torch.log(row_sum) + row_max).squeeze(-1).float()  # (b, h, sq)
-    return out, lse
+    out = torch.matmul(probs.to(v.dtype), _expand_kv(v, heads))  # (b, h, sq, dv)
+    return (out, lse.float()) if return_lse else out
+
+
+def _default_scale(q: Tensor, scale: Optional[float]) -> float:
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+
+
+def attention_backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    dlse: Optional[Tensor] = None,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[Tensor] = None,
+    attn_bias: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    dropout_mask: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    top_left: bool = False,
+    bias_needs_grad: bool = False,
+):
+    """Gradients (dq, dk, dv, dbias or None) of `attention` with the same options.
+
+    With P the softmax weights, M the dropout keep-mask (P' = P·M/(1-p)) and S the
+    scores after softcap/bias:
+        dV = P'ᵀ dO            dP = (dO Vᵀ)·M/(1-p)
+        dS = P ∘ (dP - δ),     δ_i = Σ_j P_ij dP_ij - dlse_i   (= rowsum(dO∘O) - dlse)
+        dbias = dS summed to the bias shape
+        dS_raw = dS ∘ (1 - tanh²) with softcap, else dS
+        dQ = scale · dS_raw K  dK = scale · dS_rawᵀ Q   (dK, dV summed over each GQA group)
+    The dropout mask is drawn from `generator` exactly as in the forward if not given.
+    """
+    heads, kv_heads = q.shape[1], k.shape[1]
+    scale = _default_scale(q, scale)
+    k_full, v_full = _expand_kv(k, heads), _expand_kv(v, heads)
+    probs, _, capped = _attention_probs(
+        q, k_full, scale=scale, window_size=(window_size[0], 0 if causal else window_size[1]),
+        softcap=softcap, alibi_slopes=alibi_slopes, attn_bias=attn_bias, top_left=top_left,
+    )
+    dout = dout.to(q.dtype)
+    dprobs = torch.matmul(dout, v_full.transpose(-1, -2))  # (b, h, sq, sk)
+    kept = probs
+    if dropout_p > 0:
+        if dropout_mask is None:
+            dropout_mask = dropout_keep_mask(probs.shape, dropout_p, q.device, generator)
+        keep_scale = dropout_mask / (1.0 - dropout_p)
+        kept = probs * keep_scale
+        dprobs = dprobs * keep_scale
+    dv = torch.matmul(kept.transpose(-1, -2).to(dout.dtype), dout)  # (b, h, sk, dv)
+    delta = (probs * dprobs).sum(dim=-1, keepdim=True)  # (b, h, sq, 1)
+    if dlse is not None:
+        delta = delta - dlse.to(delta.dtype).unsqueeze(-1)
+    dscores = probs * (dprobs - delta)  # (b, h, sq, sk)
+    dbias = None
+    if bias_needs_grad and attn_bias is not None:
+        dbias = dscores.sum_to_size(attn_bias.shape).to(attn_bias.dtype)
+    if capped is not None:
+        dscores = dscores * (1 - capped * capped)
+    dq = torch.matmul(dscores, k_full) * scale  # (b, h, sq, d)
+    dk = torch.matmul(dscores.transpose(-1, -2), q) * scale  # (b, h, sk, d)
+    return dq, _fold_kv_grad(dk, kv_heads), _fold_kv_grad(dv, kv_heads), dbias
+
+
+def _varlen_sequences(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes):
+    """Per sequence: (rows of q, rows of k/v, q_i, k_i, v_i as (1, heads, len, d), slopes_i)."""
+    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for i in range(len(bounds_q) - 1):
+        rows_q, rows_k = slice(bounds_q[i], bounds_q[i + 1]), slice(bounds_k[i], bounds_k[i + 1])
+        slopes_i = alibi_slopes
+        if alibi_slopes is not None and alibi_slopes.dim() == 2:
+            slopes_i = alibi_slopes[i]
+        yield (rows_q, rows_k,
+               q[rows_q].transpose(0, 1).unsqueeze(0),  # (1, h, sq_i, d)
+               k[rows_k].transpose(0, 1).unsqueeze(0),  # (1, hk, sk_i, d)
+               v[rows_k].transpose(0, 1).unsqueeze(0),  # (1, hk, sk_i, dv)
+               slopes_i)
 
 
 def varlen_attention(
@@ -146,34 +247,49 @@ def varlen_attention(
     cu_seqlens_k: Tensor,
     *,
     return_lse: bool = False,
+    alibi_slopes: Optional[Tensor] = None,
     **options,
 ):
     """Attention over packed sequences: q (total_q, h, d), k/v (total_k, hk, d).
 
     Sequence i is rows cu_seqlens_q[i]:cu_seqlens_q[i+1] of q and
     cu_seqlens_k[i]:cu_seqlens_k[i+1] of k/v; masking is per sequence. The lse is
-    (h, total_q). `options` are those of `attention` (no attn_bias); alibi_slopes may
-    be (h,) or (batch, h); a dropout_mask is not supported here (use a generator).
+    (h, total_q). `options` are those of `attention` (no attn_bias, no dropout_mask);
+    alibi_slopes may be (h,) or (batch, h); dropout draws from `generator` sequence
+    by sequence.
     """
-    bounds_q = cu_seqlens_q.tolist()
-    bounds_k = cu_seqlens_k.tolist()
-    alibi_slopes = options.pop("alibi_slopes", None)
-    outs, lses = [], []
-    for i in range(len(bounds_q) - 1):
-        q_i = q[bounds_q[i] : bounds_q[i + 1]].transpose(0, 1).unsqueeze(0)  # (1, h, sq_i, d)
-        k_i = k[bounds_k[i] : bounds_k[i + 1]].transpose(0, 1).unsqueeze(0)  # (1, hk, sk_i, d)
-        v_i = v[bounds_k[i] : bounds_k[i + 1]].transpose(0, 1).unsqueeze(0)  # (1, hk, sk_i, dv)
-        slopes_i = alibi_slopes
-        if alibi_slopes is not None and alibi_slopes.dim() == 2:
-            slopes_i = alibi_slopes[i]
+    out = q.new_zeros(q.shape[0], q.shape[1], v.shape[2])
+    lse = q.new_full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32)
+    for rows_q, _, q_i, k_i, v_i, slopes_i in _varlen_sequences(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes):
         out_i, lse_i = attention(q_i, k_i, v_i, alibi_slopes=slopes_i, return_lse=True, **options)
-        outs.append(out_i[0].transpose(0, 1))  # (sq_i, h, dv)
-        lses.append(lse_i[0])  # (h, sq_i)
-    out = torch.cat(outs, dim=0) if outs else q.new_zeros(0, q.shape[1], v.shape[2])
-    if not return_lse:
-        return out
-    lse = torch.cat(lses, dim=1) if lses else q.new_zeros(q.shape[1], 0, dtype=torch.float32)
-    return out, lse
+        out[rows_q] = out_i[0].transpose(0, 1)  # (sq_i, h, dv)
+        lse[:, rows_q] = lse_i[0]
+    return (out, lse) if return_lse else out
+
+
+def varlen_attention_backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    *,
+    dlse: Optional[Tensor] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    **options,
+):
+    """Gradients (dq, dk, dv) of `varlen_attention`, sequence by sequence."""
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for rows_q, rows_k, q_i, k_i, v_i, slopes_i in _varlen_sequences(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes):
+        dlse_i = None if dlse is None else dlse[:, rows_q].unsqueeze(0)  # (1, h, sq_i)
+        dout_i = dout[rows_q].transpose(0, 1).unsqueeze(0)  # (1, h, sq_i, dv)
+        dq_i, dk_i, dv_i, _ = attention_backward(dout_i, q_i, k_i, v_i, dlse=dlse_i,
+                                                 alibi_slopes=slopes_i, **options)
+        dq[rows_q] = dq_i[0].transpose(0, 1)
+        dk[rows_k] = dk_i[0].transpose(0, 1)
+        dv[rows_k] = dv_i[0].transpose(0, 1)
+    return dq, dk, dv
 
 
 def gather_kv_cache(
@@ -304,6 +420,38 @@ def rms_norm(
     return result[0] if len(result) == 1 else result
 
 
+def layer_norm_backward(dy: Tensor, s: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float):
+    """Gradients (ds, dweight or None, dbias or None) of y = layer_norm(s), rows = all
+    leading dims. With x̂ = (s - mean)·rstd and g = dy·weight:
+        ds = rstd · (g - mean(g) - x̂ · mean(g·x̂)),  dweight = Σ_rows dy·x̂,  dbias = Σ_rows dy
+    """
+    dy = dy.to(s.dtype)
+    mean = s.mean(dim=-1, keepdim=True)
+    centered = s - mean
+    rstd = torch.rsqrt((centered * centered).mean(dim=-1, keepdim=True) + eps)
+    normalized = centered * rstd
+    g = dy if weight is None else dy * weight.to(s.dtype)
+    ds = rstd * (g - g.mean(dim=-1, keepdim=True) - normalized * (g * normalized).mean(dim=-1, keepdim=True))
+    rows = tuple(range(s.dim() - 1))
+    dweight = None if weight is None else (dy * normalized).sum(dim=rows).to(weight.dtype)
+    dbias = None if bias is None else dy.sum(dim=rows).to(bias.dtype)
+    return ds, dweight, dbias
+
+
+def rms_norm_backward(dy: Tensor, s: Tensor, weight: Optional[Tensor], eps: float):
+    """Gradients (ds, dweight or None) of y = rms_norm(s). With x̂ = s·rstd, g = dy·weight:
+        ds = rstd · (g - x̂ · mean(g·x̂)),  dweight = Σ_rows dy·x̂
+    """
+    dy = dy.to(s.dtype)
+    rstd = torch.rsqrt((s * s).mean(dim=-1, keepdim=True) + eps)
+    normalized = s * rstd
+    g = dy if weight is None else dy * weight.to(s.dtype)
+    ds = rstd * (g - normalized * (g * normalized).mean(dim=-1, keepdim=True))
+    rows = tuple(range(s.dim() - 1))
+    dweight = None if weight is None else (dy * normalized).sum(dim=rows).to(weight.dtype)
+    return ds, dweight
+
+
 # ----------------------------------------------------------------------------- FFN
 
 
@@ -347,6 +495,57 @@ def gated_ffn(
     gate = torch.matmul(x, w_gate.t())  # (..., h)
     up = torch.matmul(x, w_up.t())  # (..., h)
     return torch.matmul(activation(gate, activation_name) * up, w_down.t())  # (..., d_out)
+
+
+def activation_grad(x: Tensor, name: str) -> Tensor:
+    """d act(x) / dx for the activations of `activation`."""
+    if name == "gelu":
+        cdf = 0.5 * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
+        pdf = torch.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
+        return cdf + x * pdf
+    if name == "gelu_tanh":
+        c = math.sqrt(2.0 / math.pi)
+        t = torch.tanh(c * (x + 0.044715 * x * x * x))
+        return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * x * x)
+    if name == "relu":
+        return (x > 0).to(x.dtype)
+    if name == "silu":
+        sig = torch.sigmoid(x)
+        return sig * (1.0 + x * (1.0 - sig))
+    raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}; got {name!r}")
+
+
+def ffn_backward(dy, x, w1, b1, w2, b2, *, activation_name="gelu"):
+    """Gradients (dx, dw1, db1 or None, dw2, db2 or None) of `ffn`, x as (tokens, d):
+        H = x W1ᵀ + b1, A = act(H):  dW2 = dyᵀA, db2 = Σ dy, dH = (dy W2) ∘ act'(H),
+        dW1 = dHᵀx, db1 = Σ dH, dx = dH W1
+    """
+    hidden = torch.matmul(x, w1.t())  # (tokens, h)
+    if b1 is not None:
+        hidden = hidden + b1
+    dy = dy.to(x.dtype)
+    dw2 = torch.matmul(dy.t(), activation(hidden, activation_name))  # (d_out, h)
+    dhidden = torch.matmul(dy, w2) * activation_grad(hidden, activation_name)  # (tokens, h)
+    return (torch.matmul(dhidden, w1), torch.matmul(dhidden.t(), x),
+            None if b1 is None else dhidden.sum(0), dw2, None if b2 is None else dy.sum(0))
+
+
+def gated_ffn_backward(dy, x, w_gate, w_up, w_down, *, activation_name="silu"):
+    """Gradients (dx, dw_gate, dw_up, dw_down) of `gated_ffn`, x as (tokens, d):
+        G = x W_gateᵀ, U = x W_upᵀ, M = act(G)∘U:  dW_down = dyᵀM, dM = dy W_down,
+        dG = dM∘U∘act'(G), dU = dM∘act(G), dW_gate = dGᵀx, dW_up = dUᵀx,
+        dx = dG W_gate + dU W_up
+    """
+    gate = torch.matmul(x, w_gate.t())  # (tokens, h)
+    up = torch.matmul(x, w_up.t())  # (tokens, h)
+    activated = activation(gate, activation_name)
+    dy = dy.to(x.dtype)
+    dw_down = torch.matmul(dy.t(), activated * up)  # (d_out, h)
+    dmixed = torch.matmul(dy, w_down)  # (tokens, h)
+    dgate = dmixed * up * activation_grad(gate, activation_name)
+    dup = dmixed * activated
+    dx = torch.matmul(dgate, w_gate) + torch.matmul(dup, w_up)
+    return dx, torch.matmul(dgate.t(), x), torch.matmul(dup.t(), x), dw_down
 
 
 # ----------------------------------------------------------------------------- built-ins

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -45,37 +44,6 @@ def is_placeholder(t: Optional[Tensor]) -> bool:
     return t is None or t.numel() == 0 and t.dim() == 1
 
 
-def vjp_by_recompute(
-    forward: Callable[..., Sequence[Tensor]],
-    primals: Sequence[Optional[Tensor]],
-    wanted: Sequence[bool],
-    cotangents: Sequence[Optional[Tensor]],
-) -> list[Optional[Tensor]]:
-    """Gradients of `forward(*primals)` for the primals marked `wanted`, by recomputing
-    the forward under torch.func.vjp (which, unlike torch.autograd, also works inside a
-    custom op's implementation). `cotangents[i]` is the gradient of output i; None = 0.
-    Returns one entry per primal (None where not wanted).
-    """
-    diff_index = [i for i, (p, w) in enumerate(zip(primals, wanted)) if w and p is not None]
-
-    def of_differentiable(*diff: Tensor) -> tuple[Tensor, ...]:
-        args = list(primals)
-        for i, t in zip(diff_index, diff):
-            args[i] = t
-        return tuple(forward(*args))
-
-    outputs, pullback = torch.func.vjp(of_differentiable, *[primals[i] for i in diff_index])
-    seeds = tuple(
-        torch.zeros_like(out) if cot is None or is_placeholder(cot) else cot.to(out.dtype)
-        for out, cot in zip(outputs, cotangents)
-    )
-    grads = pullback(seeds)
-    result: list[Optional[Tensor]] = [None] * len(primals)
-    for i, g in zip(diff_index, grads):
-        result[i] = g
-    return result
-
-
 def draw_rng_seed() -> Tensor:
     """A fresh 63-bit seed from torch's default CPU generator (torch.manual_seed
     reproduces it), as a (1,) int64 tensor so torch.compile can trace it."""
@@ -84,23 +52,3 @@ def draw_rng_seed() -> Tensor:
 
 def seeded_generator(rng_seed: Tensor, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(int(rng_seed.item()))
-
-
-@contextlib.contextmanager
-def seeded_default_rng(rng_seed: Optional[Tensor], device: torch.device) -> Iterator[None]:
-    """Run a block with `device`'s default generator seeded from rng_seed, restoring it
-    after: how built-ins that draw from the default RNG (SDPA dropout) are replayed
-    identically in the backward recompute."""
-    if rng_seed is None:
-        yield
-        return
-    seed = int(rng_seed.item())
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        with torch.random.fork_rng(devices=[index]):
-            torch.cuda.default_generators[index].manual_seed(seed)
-            yield
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)
-            yield

@@ -29,9 +29,7 @@ from ._common import (
     draw_rng_seed,
     empty_placeholder,
     is_placeholder,
-    seeded_default_rng,
     seeded_generator,
-    vjp_by_recompute,
 )
 
 
@@ -95,18 +93,17 @@ def sdpa_mask(q, k, attn_bias, alibi_slopes, window_left, window_right, top_left
 
 def _torch_forward(q, k, v, attn_bias, alibi_slopes, rng_seed, scale, window_left, window_right,
                    top_left, softcap, dropout_p):
+    """F.scaled_dot_product_attention with our masks; `limits` refuses dropout, softcap, lse."""
     mask, is_causal = sdpa_mask(q, k, attn_bias, alibi_slopes, window_left, window_right, top_left)
-    with seeded_default_rng(rng_seed, q.device):
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-            enable_gqa=q.shape[1] != k.shape[1],
-        )
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
     if mask is not None:
-        # A fully masked row: SDPA's fused kernels may give NaN where we promise 0.
+            # A fully masked row: SDPA's fused kernels may give NaN where we promise 0.
         out = torch.nan_to_num(out, nan=0.0)
-    # SDPA does not return the logsumexp; the torch backend refuses return_lse, and
-    # its backward recomputes rather than reading this.
-    lse = torch.full(q.shape[:3], float("nan"), dtype=torch.float32, device=q.device)
+    # SDPA does not return the logsumexp: the torch backend refuses return_lse, and
+    # its backward (the reference formulas) does not read this.
+    lse = torch.full(q.shape[:3], float("inf"), dtype=torch.float32, device=q.device)
     return out.contiguous(), lse
 
 
@@ -116,35 +113,28 @@ def limits(backend: str, call: AttentionCall) -> Optional[str]:
             return "F.scaled_dot_product_attention has no softcap"
         if call.return_lse:
             return "F.scaled_dot_product_attention does not return the logsumexp"
+        if call.dropout_p > 0:
+            return "SDPA's dropout mask cannot be replayed by the backward"
     return None
 
 
-def _backward_by_recompute(forward, lse_differentiable: bool):
-    """A backward for the reference backends: gradients of `forward` by recompute
-    (the torch backend's lse is a placeholder, so it takes no gradient)."""
-
-    def backward(dout, dlse, q, k, v, out, lse, attn_bias, alibi_slopes, rng_seed, scale,
-                 window_left, window_right, top_left, softcap, dropout_p, bias_needs_grad):
-        def recomputed(q_, k_, v_, bias_):
-            out_, lse_ = forward(q_, k_, v_, bias_, alibi_slopes, rng_seed, scale, window_left,
-                                 window_right, top_left, softcap, dropout_p)
-            return (out_, lse_) if lse_differentiable else (out_,)
-
-        dq, dk, dv, dbias = vjp_by_recompute(
-            recomputed, (q, k, v, attn_bias), (True, True, True, bias_needs_grad), (dout, dlse)
-        )
-        return dq, dk, dv, empty_placeholder(q) if dbias is None else dbias
-
-    return backward
+def _reference_backward(dout, dlse, q, k, v, out, lse, attn_bias, alibi_slopes, rng_seed, scale,
+                        window_left, window_right, top_left, softcap, dropout_p, bias_needs_grad):
+    """The naive and torch backends' backward: the explicit formulas of
+    reference.attention_backward (P recomputed; dropout replayed from rng_seed)."""
+    generator = seeded_generator(rng_seed, q.device) if dropout_p > 0 else None
+    dq, dk, dv, dbias = reference.attention_backward(
+        dout, q, k, v, dlse=dlse, scale=scale, window_size=(window_left, window_right),
+        softcap=softcap, alibi_slopes=alibi_slopes, attn_bias=attn_bias, dropout_p=dropout_p,
+        generator=generator, top_left=top_left, bias_needs_grad=bias_needs_grad,
+    )
+    return dq, dk, dv, empty_placeholder(q) if dbias is None else dbias
 
 
 BACKENDS = BackendTable(
     "attention",
     forward={"naive": _naive_forward, "torch": _torch_forward},
-    backward={
-        "naive": _backward_by_recompute(_naive_forward, lse_differentiable=True),
-        "torch": _backward_by_recompute(_torch_forward, lse_differentiable=False),
-    },
+    backward={"naive": _reference_backward, "torch": _reference_backward},
     limits=limits,
 )
 

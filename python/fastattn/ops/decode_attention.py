@@ -77,7 +77,7 @@ def _torch_forward(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes
         q, k_cache, v_cache, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k_cache.shape[1]
     )
     out = torch.nan_to_num(out, nan=0.0)
-    lse = torch.full(q.shape[:3], float("nan"), dtype=torch.float32, device=q.device)
+    lse = torch.full(q.shape[:3], float("inf"), dtype=torch.float32, device=q.device)
     return out.contiguous(), lse
 
 

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .. import _validate as check
 from .. import reference
-from ._common import BackendTable, empty_placeholder, vjp_by_recompute
+from ._common import BackendTable, empty_placeholder
 
 ACTIVATIONS = reference.ACTIVATIONS
 
@@ -57,24 +57,17 @@ def _torch_forward(x, w1, b1, w2, b2, activation, save_hidden):
     return y, hidden if save_hidden else empty_placeholder(x)
 
 
-def _backward_by_recompute(forward):
-    """A backward for the reference backends: gradients by recomputing the forward
-    (hidden_pre is not needed)."""
-
-    def backward(dy, x, w1, b1, w2, b2, hidden_pre, activation):
-        grads = vjp_by_recompute(
-            lambda *args: forward(*args, activation, False)[:1], (x, w1, b1, w2, b2), (True,) * 5, (dy,)
-        )
-        return tuple(empty_placeholder(x) if g is None else g for g in grads)
-
-    return backward
+def _reference_backward(dy, x, w1, b1, w2, b2, hidden_pre, activation):
+    """The naive and torch backends' backward: reference.ffn_backward (recomputes the
+    hidden pre-activation; hidden_pre is not needed)."""
+    grads = reference.ffn_backward(dy, x, w1, b1, w2, b2, activation_name=activation)
+    return tuple(empty_placeholder(x) if g is None else g for g in grads)
 
 
 BACKENDS = BackendTable(
     "ffn",
     forward={"naive": _naive_forward, "torch": _torch_forward},
-    backward={"naive": _backward_by_recompute(_naive_forward),
-              "torch": _backward_by_recompute(_torch_forward)},
+    backward={"naive": _reference_backward, "torch": _reference_backward},
     limits=no_limits,
 )
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
-from ._common import BackendTable, empty_placeholder, vjp_by_recompute
+from ._common import BackendTable, empty_placeholder
 from .ffn import FfnCall, check_activation, check_ffn_inputs, check_weight, no_limits
 from .. import _validate as check
 
@@ -40,23 +40,15 @@ def _torch_forward(x, w_gate, w_up, w_down, activation, save_hidden):
     return y, gate, up
 
 
-def _backward_by_recompute(forward):
-    """A backward for the reference backends: gradients by recomputing the forward."""
-
-    def backward(dy, x, w_gate, w_up, w_down, gate_pre, up_pre, activation):
-        dx, dw_gate, dw_up, dw_down = vjp_by_recompute(
-            lambda *args: forward(*args, activation, False)[:1], (x, w_gate, w_up, w_down), (True,) * 4, (dy,)
-        )
-        return dx, dw_gate, dw_up, dw_down
-
-    return backward
+def _reference_backward(dy, x, w_gate, w_up, w_down, gate_pre, up_pre, activation):
+    """The naive and torch backends' backward: reference.gated_ffn_backward."""
+    return reference.gated_ffn_backward(dy, x, w_gate, w_up, w_down, activation_name=activation)
 
 
 BACKENDS = BackendTable(
     "gated_ffn",
     forward={"naive": _naive_forward, "torch": _torch_forward},
-    backward={"naive": _backward_by_recompute(_naive_forward),
-              "torch": _backward_by_recompute(_torch_forward)},
+    backward={"naive": _reference_backward, "torch": _reference_backward},
     limits=no_limits,
 )
 

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .. import _validate as check
 from .. import reference
-from ._common import BackendTable, empty_placeholder, is_placeholder, vjp_by_recompute
+from ._common import BackendTable, empty_placeholder, is_placeholder
 
 
 @dataclass(frozen=True)
@@ -71,29 +71,16 @@ def _torch_forward(x, weight, bias, residual, eps, residual_in_fp32):
             mean.reshape(-1).float(), rstd.reshape(-1).float())
 
 
-def _naive_normalize(eps):
-    return lambda s, w, b: reference.layer_norm(s, w, b, eps)
-
-
-def _torch_normalize(eps):
-    cast = lambda t, s: None if t is None else t.to(s.dtype)
-    return lambda s, w, b: torch.nn.functional.layer_norm(s, [s.shape[-1]], cast(w, s), cast(b, s), eps)
-
-
-def _backward_by_recompute(normalize_with_eps):
-    """A backward for the reference backends: gradients by recomputing the norm of s."""
-
-    def backward(dy, dresidual_out, summed, weight, bias, mean, rstd, eps):
-        return recompute_norm_grads(normalize_with_eps(eps), dy, dresidual_out, summed, (weight, bias))
-
-    return backward
+def _reference_backward(dy, dresidual_out, summed, weight, bias, mean, rstd, eps):
+    """The naive and torch backends' backward: reference.layer_norm_backward."""
+    ds, dweight, dbias = reference.layer_norm_backward(dy, summed, weight, bias, eps)
+    return finish_norm_grads(ds, dresidual_out, summed, dweight, dbias)
 
 
 BACKENDS = BackendTable(
     "layer_norm",
     forward={"naive": _naive_forward, "torch": _torch_forward},
-    backward={"naive": _backward_by_recompute(_naive_normalize),
-              "torch": _backward_by_recompute(_torch_normalize)},
+    backward={"naive": _reference_backward, "torch": _reference_backward},
     limits=no_limits,
 )
 
@@ -118,16 +105,12 @@ def _layer_norm_fwd_fake(x, weight, bias, residual, eps, residual_in_fp32, backe
             torch.empty_like(stats))
 
 
-def recompute_norm_grads(normalize, dy, dresidual_out, summed, params):
-    """(ds, *dparams) by recomputing y = normalize(s, *params) under vjp; absent params
-    get placeholders. dresidual_out (the gradient of s returned by prenorm) adds to ds."""
-    grads = vjp_by_recompute(
-        lambda s, *p: (normalize(s, *p),), (summed, *params), (True,) * (1 + len(params)), (dy,)
-    )
-    ds = grads[0]
+def finish_norm_grads(ds, dresidual_out, summed, *param_grads):
+    """Add dresidual_out (the gradient of the prenorm output s) into ds and replace
+    absent parameter gradients by placeholders: the bwd ops' fixed output tuple."""
     if dresidual_out is not None and not is_placeholder(dresidual_out):
         ds = ds + dresidual_out.to(ds.dtype)
-    return (ds, *(empty_placeholder(summed) if g is None else g for g in grads[1:]))
+    return (ds, *(empty_placeholder(summed) if g is None else g for g in param_grads))
 
 
 @torch.library.custom_op("fastattn::layer_norm_bwd", mutates_args=())

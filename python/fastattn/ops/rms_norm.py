@@ -22,8 +22,8 @@ from .layer_norm import (
     add_residual,
     check_norm_args,
     fake_residual_out,
+    finish_norm_grads,
     finish_norm,
-    recompute_norm_grads,
     residual_out_or_placeholder,
     save_norm_context,
     split_ds,
@@ -43,24 +43,20 @@ def _torch_forward(x, weight, residual, eps, residual_in_fp32):
     w = None if weight is None else weight.to(summed.dtype)
     y = F.rms_norm(summed, [summed.shape[-1]], w, eps)
     # F.rms_norm does not return rstd; the torch backend's backward recomputes instead.
-    rstd = torch.full((x.shape[0],), float("nan"), dtype=torch.float32, device=x.device)
+    rstd = torch.full((x.shape[0],), float("inf"), dtype=torch.float32, device=x.device)
     return y.to(x.dtype), residual_out_or_placeholder(x, residual, summed), rstd
 
 
-def _naive_backward(dy, dresidual_out, summed, weight, rstd, eps):
-    normalize = lambda s, w: reference.rms_norm(s, w, eps)
-    return recompute_norm_grads(normalize, dy, dresidual_out, summed, (weight,))
-
-
-def _torch_backward(dy, dresidual_out, summed, weight, rstd, eps):
-    normalize = lambda s, w: F.rms_norm(s, [s.shape[-1]], None if w is None else w.to(s.dtype), eps)
-    return recompute_norm_grads(normalize, dy, dresidual_out, summed, (weight,))
+def _reference_backward(dy, dresidual_out, summed, weight, rstd, eps):
+    """The naive and torch backends' backward: reference.rms_norm_backward."""
+    ds, dweight = reference.rms_norm_backward(dy, summed, weight, eps)
+    return finish_norm_grads(ds, dresidual_out, summed, dweight)
 
 
 BACKENDS = BackendTable(
     "rms_norm",
     forward={"naive": _naive_forward, "torch": _torch_forward},
-    backward={"naive": _naive_backward, "torch": _torch_backward},
+    backward={"naive": _reference_backward, "torch": _reference_backward},
     limits=no_limits,
 )
 

@@ -20,7 +20,7 @@ from torch import Tensor
 from .. import _validate as check
 from .. import reference
 from . import attention as dense
-from ._common import BackendTable, draw_rng_seed, is_placeholder, seeded_generator, vjp_by_recompute
+from ._common import BackendTable, draw_rng_seed, is_placeholder, seeded_generator
 
 
 def _naive_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_seed, scale,
@@ -44,39 +44,30 @@ def _torch_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_seed, 
         k_i = k[bounds_k[i] : bounds_k[i + 1]].transpose(0, 1).unsqueeze(0)  # (1, hk, sk_i, d)
         v_i = v[bounds_k[i] : bounds_k[i + 1]].transpose(0, 1).unsqueeze(0)  # (1, hk, sk_i, dv)
         slopes_i = alibi_slopes[i] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
-        seed_i = None if rng_seed is None else rng_seed + i
-        out_i, _ = dense.BACKENDS.forward["torch"](q_i, k_i, v_i, None, slopes_i, seed_i, scale,
+        out_i, _ = dense.BACKENDS.forward["torch"](q_i, k_i, v_i, None, slopes_i, None, scale,
                                            window_left, window_right, False, softcap, dropout_p)
         outs.append(out_i[0].transpose(0, 1))  # (sq_i, h, dv)
     out = torch.cat(outs) if outs else q.new_zeros(0, q.shape[1], v.shape[-1])
-    lse = torch.full((q.shape[1], q.shape[0]), float("nan"), dtype=torch.float32, device=q.device)
+    lse = torch.full((q.shape[1], q.shape[0]), float("inf"), dtype=torch.float32, device=q.device)
     return out.contiguous(), lse
 
 
-def _backward_by_recompute(forward, lse_differentiable: bool):
-    """A backward for the reference backends: gradients of `forward` by recompute."""
-
-    def backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                 max_seqlen_k, alibi_slopes, rng_seed, scale, window_left, window_right, softcap,
-                 dropout_p):
-        def recomputed(q_, k_, v_):
-            out_, lse_ = forward(q_, k_, v_, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_seed,
-                                 scale, window_left, window_right, softcap, dropout_p)
-            return (out_, lse_) if lse_differentiable else (out_,)
-
-        dq, dk, dv = vjp_by_recompute(recomputed, (q, k, v), (True, True, True), (dout, dlse))
-        return dq, dk, dv
-
-    return backward
+def _reference_backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                        max_seqlen_k, alibi_slopes, rng_seed, scale, window_left, window_right,
+                        softcap, dropout_p):
+    """The naive and torch backends' backward: reference.varlen_attention_backward."""
+    generator = seeded_generator(rng_seed, q.device) if dropout_p > 0 else None
+    return reference.varlen_attention_backward(
+        dout, q, k, v, cu_seqlens_q, cu_seqlens_k, dlse=dlse, alibi_slopes=alibi_slopes, scale=scale,
+        window_size=(window_left, window_right), softcap=softcap, dropout_p=dropout_p,
+        generator=generator,
+    )
 
 
 BACKENDS = BackendTable(
     "varlen_attention",
     forward={"naive": _naive_forward, "torch": _torch_forward},
-    backward={
-        "naive": _backward_by_recompute(_naive_forward, lse_differentiable=True),
-        "torch": _backward_by_recompute(_torch_forward, lse_differentiable=False),
-    },
+    backward={"naive": _reference_backward, "torch": _reference_backward},
     limits=dense.limits,
 )
 
