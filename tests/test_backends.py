@@ -1,0 +1,105 @@
+"""Backend names, availability, the default, the context manager and resolution."""
+
+import threading
+
+import pytest
+import torch
+
+import fastattn
+from fastattn import backends
+from fastattn.ops import attention as attention_op
+
+
+def small_qkv():
+    return torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+
+
+def test_available_backends_lists_what_runs_here():
+    names = fastattn.available_backends()
+    assert names[:2] == ["naive", "torch"] and names[-1] == "auto"
+    assert set(names) <= set(backends.BACKENDS)
+    if not torch.cuda.is_available():
+        assert "cuda" not in names
+
+
+def test_set_backend_and_use_backend_nest_and_restore():
+    assert fastattn.get_backend() == "auto"
+    fastattn.set_backend("naive")
+    assert fastattn.get_backend() == "naive"
+    with fastattn.use_backend("torch"):
+        assert fastattn.get_backend() == "torch"
+        with fastattn.use_backend("auto"):
+            assert fastattn.get_backend() == "auto"
+        assert fastattn.get_backend() == "torch"
+    assert fastattn.get_backend() == "naive"
+
+
+def test_use_backend_restores_after_an_exception():
+    with pytest.raises(RuntimeError):
+        with fastattn.use_backend("naive"):
+            raise RuntimeError("boom")
+    assert fastattn.get_backend() == "auto"
+
+
+def test_use_backend_is_per_thread():
+    seen = []
+    with fastattn.use_backend("naive"):
+        worker = threading.Thread(target=lambda: seen.append(fastattn.get_backend()))
+        worker.start()
+        worker.join()
+    assert seen == ["auto"]
+
+
+@pytest.mark.parametrize("bad", ["cudnn", "", None, 3])
+def test_unknown_backend_names_are_rejected(bad):
+    with pytest.raises(ValueError, match="must be one of naive, torch, triton, cuda, auto"):
+        fastattn.set_backend(bad)
+    if bad is not None:
+        with pytest.raises(ValueError, match="backend must be one of"):
+            fastattn.attention(*small_qkv(), backend=bad)
+
+
+def test_the_per_call_backend_wins_over_the_default(monkeypatch):
+    chosen = []
+    original = attention_op.attention_fwd
+
+    def spy(*args):
+        chosen.append(args[-1])
+        return original(*args)
+
+    monkeypatch.setattr(attention_op, "attention_fwd", spy)
+    with fastattn.use_backend("torch"):
+        fastattn.attention(*small_qkv())
+        fastattn.attention(*small_qkv(), backend="naive")
+    assert chosen == ["torch", "naive"]
+
+
+def test_auto_on_cpu_prefers_torch_and_falls_back_to_naive(monkeypatch):
+    chosen = []
+    original = attention_op.attention_fwd
+    monkeypatch.setattr(attention_op, "attention_fwd", lambda *a: chosen.append(a[-1]) or original(*a))
+    fastattn.attention(*small_qkv())
+    fastattn.attention(*small_qkv(), softcap=5.0)  # SDPA has no softcap
+    fastattn.attention(*small_qkv(), return_lse=True)  # SDPA returns no lse
+    assert chosen == ["torch", "naive", "naive"]
+
+
+def test_a_backend_that_cannot_serve_the_call_says_why():
+    with pytest.raises(ValueError, match="backend 'torch' cannot serve this attention call: .*softcap"):
+        fastattn.attention(*small_qkv(), softcap=5.0, backend="torch")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="backend 'cuda' cannot serve .*CUDA tensors"):
+            fastattn.attention(*small_qkv(), backend="cuda")
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    reason = backends.backend_unavailable_reason("triton", torch.device("cpu"))
+    assert reason is not None and "TRITON_INTERPRET=1" in reason
+
+
+def test_cuda_extension_absence_is_reported_not_raised():
+    reason = backends.backend_unavailable_reason("cuda")
+    if torch.cuda.is_available():
+        pytest.skip("this machine may have the extension")
+    assert "no CUDA device" in reason
