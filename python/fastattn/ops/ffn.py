@@ -21,7 +21,8 @@ from torch import Tensor
 
 from .. import _validate as check
 from .. import reference
-from ._common import BackendTable, empty_placeholder
+from .. import backends
+from ._common import BackendTable, empty_placeholder, is_placeholder
 
 ACTIVATIONS = reference.ACTIVATIONS
 
@@ -35,6 +36,20 @@ class FfnCall:
 
 
 def no_limits(backend: str, call: FfnCall) -> Optional[str]:
+    return None
+
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def limits(backend: str, call: FfnCall) -> Optional[str]:
+    """What the triton backend cannot serve (shared with gated_ffn)."""
+    if backend != "triton":
+        return None
+    if call.dtype not in TRITON_DTYPES:
+        return f"the triton kernels take float16, bfloat16 or float32, got {check.dtype_name(call.dtype)}"
+    if call.dtype == torch.bfloat16 and backends.triton_interpreter_on():
+        return "tl.dot on bfloat16 operands is wrong in the Triton interpreter (TRITON_INTERPRET=1)"
     return None
 
 
@@ -64,11 +79,26 @@ def _reference_backward(dy, x, w1, b1, w2, b2, hidden_pre, activation):
     return tuple(empty_placeholder(x) if g is None else g for g in grads)
 
 
+def _triton_forward(x, w1, b1, w2, b2, activation, save_hidden):
+    from ..kernels import ffn as kernels
+
+    y, hidden = kernels.ffn_forward(x, w1, b1, w2, b2, activation, save_hidden)
+    return y, empty_placeholder(x) if hidden is None else hidden
+
+
+def _triton_backward(dy, x, w1, b1, w2, b2, hidden_pre, activation):
+    from ..kernels import ffn as kernels
+
+    grads = kernels.ffn_backward(dy.to(x.dtype), x, w1, b1, w2, b2,
+                                 None if is_placeholder(hidden_pre) else hidden_pre, activation)
+    return tuple(empty_placeholder(x) if g is None else g for g in grads)
+
+
 BACKENDS = BackendTable(
     "ffn",
-    forward={"naive": _naive_forward, "torch": _torch_forward},
-    backward={"naive": _reference_backward, "torch": _reference_backward},
-    limits=no_limits,
+    forward={"naive": _naive_forward, "torch": _torch_forward, "triton": _triton_forward},
+    backward={"naive": _reference_backward, "torch": _reference_backward, "triton": _triton_backward},
+    limits=limits,
 )
 
 

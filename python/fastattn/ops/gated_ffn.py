@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
-from ._common import BackendTable, empty_placeholder
-from .ffn import FfnCall, check_activation, check_ffn_inputs, check_weight, no_limits
+from ._common import BackendTable, empty_placeholder, is_placeholder
+from .ffn import FfnCall, check_activation, check_ffn_inputs, check_weight, limits
 from .. import _validate as check
 
 
@@ -45,11 +45,28 @@ def _reference_backward(dy, x, w_gate, w_up, w_down, gate_pre, up_pre, activatio
     return reference.gated_ffn_backward(dy, x, w_gate, w_up, w_down, activation_name=activation)
 
 
+def _triton_forward(x, w_gate, w_up, w_down, activation, save_hidden):
+    from ..kernels import ffn as kernels
+
+    y, gate, up = kernels.gated_ffn_forward(x, w_gate, w_up, w_down, activation, save_hidden)
+    if gate is None:
+        return y, empty_placeholder(x), empty_placeholder(x)
+    return y, gate, up
+
+
+def _triton_backward(dy, x, w_gate, w_up, w_down, gate_pre, up_pre, activation):
+    from ..kernels import ffn as kernels
+
+    saved = not (is_placeholder(gate_pre) or is_placeholder(up_pre))
+    return kernels.gated_ffn_backward(dy.to(x.dtype), x, w_gate, w_up, w_down, gate_pre if saved else None,
+                                      up_pre if saved else None, activation)
+
+
 BACKENDS = BackendTable(
     "gated_ffn",
-    forward={"naive": _naive_forward, "torch": _torch_forward},
-    backward={"naive": _reference_backward, "torch": _reference_backward},
-    limits=no_limits,
+    forward={"naive": _naive_forward, "torch": _torch_forward, "triton": _triton_forward},
+    backward={"naive": _reference_backward, "torch": _reference_backward, "triton": _triton_backward},
+    limits=limits,
 )
 
 

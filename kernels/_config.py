@@ -1,0 +1,228 @@
+"""Autotune spaces of the Triton kernels, one delimited section per op.
+
+Each section builds its space from a product, prunes it with a keep() filter, keys the
+tuning on shape arguments only, and reads an environment variable
+FASTATTN_<OP>_CONFIG that pins one config (tests; the interpreter uses a fixed small
+config without tuning).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from typing import Optional
+
+import triton
+
+
+# ============================================================================
+# ffn / gated_ffn (kernels/ffn.py; one space for all of its GEMM kernels)
+# ============================================================================
+#
+# Every kernel of kernels/ffn.py is a tiled GEMM C (M, N) = A (M, K)·B (K, N) plus an
+# epilogue. The tuned parameters are the tile (BLOCK_M, BLOCK_N, BLOCK_K), GROUP_M (tile
+# rows visited together for L2 reuse), num_warps and num_stages, keyed on (M, N, K)
+# (Triton adds the operand dtypes to the key). FASTATTN_FFN_CONFIG pins one config for
+# all of them, e.g.
+#     FASTATTN_FFN_CONFIG="BLOCK_M=64,BLOCK_N=64,BLOCK_K=32,GROUP_M=8,num_warps=4,num_stages=3"
+# where keys left out take FFN_DEFAULT's values. Under the Triton interpreter
+# FFN_INTERPRETER_CONFIG is used without tuning (small tiles, so that the test shapes
+# still cover several tiles and masked edges).
+
+FFN_CONFIG_ENV = "FASTATTN_FFN_CONFIG"
+FFN_DEFAULT = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+FFN_INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4,
+                          "num_stages": 1}
+FFN_GROUP_M = 8
+FFN_ACCUMULATOR_REGISTERS = (32, 128)  # fp32 accumulator elements per thread worth trying
+FFN_SHARED_MEMORY = 200 * 1024  # bytes for the num_stages buffered A and B tiles (H100: 227 KiB)
+_FFN_BLOCK_M = (64, 128)
+_FFN_BLOCK_N = (64, 128, 256)
+_FFN_BLOCK_K = (32, 64)
+_FFN_WARPS = (4, 8)
+_FFN_STAGES = (3, 4)
+_FFN_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+
+
+def ffn_keep(block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int,
+             accumulators: int = 1, element_size: int = 2) -> bool:
+    """Whether a GEMM config is worth trying. `accumulators` (BLOCK_M, BLOCK_N) fp32 tiles
+    are live (2 for the gated forward, which also streams two B tiles); element_size is
+    the operands' bytes."""
+    per_thread = accumulators * block_m * block_n // (32 * num_warps)
+    low, high = FFN_ACCUMULATOR_REGISTERS
+    if not low <= per_thread <= high:
+        return False
+    if num_warps == 8 and block_m * block_n < 128 * 128:
+        return False
+    if block_n == 256 and block_m != 128:
+        return False
+    if block_k == 32 and num_stages < 4:
+        return False
+    staged = num_stages * block_k * (block_m + accumulators * block_n) * element_size
+    return staged <= FFN_SHARED_MEMORY
+
+
+def ffn_configs(accumulators: int = 1) -> list:
+    """The space for 2-byte operands; ffn_prune_for_inputs narrows it per call."""
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": FFN_GROUP_M},
+                      num_warps=warps, num_stages=stages)
+        for m, n, k, warps, stages in itertools.product(_FFN_BLOCK_M, _FFN_BLOCK_N, _FFN_BLOCK_K, _FFN_WARPS,
+                                                        _FFN_STAGES)
+        if ffn_keep(m, n, k, warps, stages, accumulators)
+    ]
+
+
+def ffn_prune_for_inputs(accumulators: int = 1):
+    """early_config_prune: refit the shared-memory rule to the operands' element size and
+    drop tiles much larger than the problem (keeps at least one config)."""
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        element_size = next(v.element_size() for v in args.values() if hasattr(v, "element_size"))
+        max_m = max(_FFN_BLOCK_M[0], triton.next_power_of_2(args["M"]))
+        max_n = max(_FFN_BLOCK_N[0], triton.next_power_of_2(args["N"]))
+        kept = [
+            c for c in configs
+            if c.kwargs["BLOCK_M"] <= max_m and c.kwargs["BLOCK_N"] <= max_n
+            and ffn_keep(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
+                         c.num_stages, accumulators, element_size)
+        ]
+        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)]
+
+    return prune
+
+
+def ffn_pinned_config() -> Optional[dict]:
+    """The launch config pinned by FASTATTN_FFN_CONFIG (missing keys from FFN_DEFAULT),
+    FFN_INTERPRETER_CONFIG under the interpreter, or None to autotune."""
+    text = os.environ.get(FFN_CONFIG_ENV, "").strip()
+    if not text:
+        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+            return dict(FFN_INTERPRETER_CONFIG)
+        return None
+    pinned = dict(FFN_DEFAULT)
+    for item in text.split(","):
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or key not in _FFN_KEYS or not value.isdigit() or int(value) < 1:
+            raise ValueError(f"{FFN_CONFIG_ENV} must be comma-separated KEY=positive int with KEY in "
+                             f"{', '.join(_FFN_KEYS)}; got {text!r}")
+        pinned[key] = int(value)
+    for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+        if pinned[key] < 16 or pinned[key] & (pinned[key] - 1):
+            raise ValueError(f"{FFN_CONFIG_ENV}: {key} must be a power of 2 >= 16; got {pinned[key]}")
+    return pinned
+
+
+# ============================================================================
+# attention (kernels/attention.py: the forward, backward dK/dV and backward dQ kernels)
+# ============================================================================
+#
+# The tuned parameters are the tile (BLOCK_M query rows, BLOCK_N key columns), num_warps
+# and num_stages, one space per kernel ("fwd", "dkdv", "dq"), keyed on the padded head
+# dims, causal, the option flags and a seqlen bucket (ATTENTION_TUNE_KEY; Triton adds the
+# dtypes). FASTATTN_ATTENTION_CONFIG pins one config for every attention kernel, e.g.
+#     FASTATTN_ATTENTION_CONFIG="BLOCK_M=32,BLOCK_N=32,num_warps=4,num_stages=1"
+# where keys left out take ATTENTION_DEFAULT's values. Under the Triton interpreter
+# ATTENTION_INTERPRETER_CONFIG is used without tuning (small tiles, so that the test
+# shapes cover several tiles, the full and the masked ones). The untuned kernels (the
+# backward preprocess and dbias) use the pinned config or ATTENTION_DEFAULT.
+
+ATTENTION_CONFIG_ENV = "FASTATTN_ATTENTION_CONFIG"
+ATTENTION_DEFAULT = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+ATTENTION_INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+ATTENTION_TUNE_KEY = ("seqlen_bucket", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "HAS_SOFTCAP", "HAS_ALIBI",
+                      "BIAS_KIND", "HAS_DROPOUT")
+ATTENTION_SHARED_MEMORY = 200 * 1024  # bytes for resident + num_stages buffered tiles (H100: 227 KiB)
+ATTENTION_ACCUMULATOR_REGISTERS = 128  # most fp32 accumulator elements per thread
+ATTENTION_SEQLEN_BUCKETS = (128, 16384)  # seqlen bucket = next power of 2, clamped to this range
+_ATTENTION_SPACE = {
+    "fwd": dict(BLOCK_M=(64, 128), BLOCK_N=(32, 64, 128), num_warps=(4, 8), num_stages=(2, 3, 4)),
+    "dkdv": dict(BLOCK_M=(16, 32, 64), BLOCK_N=(64, 128), num_warps=(4, 8), num_stages=(1, 2, 3)),
+    "dq": dict(BLOCK_M=(64, 128), BLOCK_N=(16, 32, 64), num_warps=(4, 8), num_stages=(1, 2, 3)),
+}
+_ATTENTION_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+
+
+def attention_seqlen_bucket(seqlen_q: int, seqlen_k: int) -> int:
+    low, high = ATTENTION_SEQLEN_BUCKETS
+    return min(high, max(low, triton.next_power_of_2(max(seqlen_q, seqlen_k))))
+
+
+def attention_keep(kind: str, block_m: int, block_n: int, num_warps: int, num_stages: int,
+                   block_d: int, block_dv: int, element_size: int = 2) -> bool:
+    """Whether a config of kernel `kind` is worth trying for (padded) head dims
+    block_d / block_dv and operands of element_size bytes: the staged tiles fit in shared
+    memory and the fp32 accumulators in registers."""
+    threads = 32 * num_warps
+    if kind == "fwd":
+        resident, streamed = block_m * block_d, block_n * (block_d + block_dv)
+        accumulators = block_m * block_dv + block_m * block_n  # output and score tiles
+        if num_warps == 8 and block_m < 128:
+            return False
+    elif kind == "dkdv":
+        resident, streamed = block_n * (block_d + block_dv), block_m * (block_d + block_dv)
+        accumulators = block_n * (block_d + block_dv)
+        if num_warps == 8 and block_n < 128:
+            return False
+    elif kind == "dq":
+        resident, streamed = block_m * (block_d + block_dv), block_n * (block_d + block_dv)
+        accumulators = block_m * block_d + block_m * block_n
+        if num_warps == 8 and block_m < 128:
+            return False
+    else:
+        raise ValueError(f"attention kernel kind must be fwd, dkdv or dq; got {kind!r}")
+    if accumulators // threads > ATTENTION_ACCUMULATOR_REGISTERS:
+        return False
+    return (resident + num_stages * streamed) * element_size <= ATTENTION_SHARED_MEMORY
+
+
+def attention_configs(kind: str) -> list:
+    """The whole space of one kernel; attention_prune keeps what fits a call."""
+    space = _ATTENTION_SPACE[kind]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
+            for m, n, warps, stages in itertools.product(space["BLOCK_M"], space["BLOCK_N"],
+                                                         space["num_warps"], space["num_stages"])]
+
+
+def attention_prune(kind: str):
+    """early_config_prune of kernel `kind`: attention_keep for the call's head dims and
+    dtype, tiles no longer than the sequences need (keeps at least one config)."""
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        element_size = args["Q"].element_size()
+        block_d, block_dv = args["BLOCK_D"], args["BLOCK_DV"]
+        max_m = max(16, triton.next_power_of_2(args["seqlen_q"]))
+        max_n = max(16, triton.next_power_of_2(args["seqlen_k"]))
+        fits = [c for c in configs
+                if attention_keep(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages,
+                                  block_d, block_dv, element_size)]
+        short = [c for c in fits if c.kwargs["BLOCK_M"] <= max_m and c.kwargs["BLOCK_N"] <= max_n]
+        smallest = min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))
+        return short or fits[:1] or [smallest]
+
+    return prune
+
+
+def attention_pinned_config() -> Optional[dict]:
+    """The launch config pinned by FASTATTN_ATTENTION_CONFIG (missing keys from
+    ATTENTION_DEFAULT), ATTENTION_INTERPRETER_CONFIG under the interpreter, or None to
+    autotune."""
+    text = os.environ.get(ATTENTION_CONFIG_ENV, "").strip()
+    if not text:
+        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+            return dict(ATTENTION_INTERPRETER_CONFIG)
+        return None
+    pinned = dict(ATTENTION_DEFAULT)
+    for item in text.split(","):
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or key not in _ATTENTION_KEYS or not value.isdigit() or int(value) < 1:
+            raise ValueError(f"{ATTENTION_CONFIG_ENV} must be comma-separated KEY=positive int with KEY in "
+                             f"{', '.join(_ATTENTION_KEYS)}; got {text!r}")
+        pinned[key] = int(value)
+    for key in ("BLOCK_M", "BLOCK_N"):
+        if pinned[key] < 16 or pinned[key] & (pinned[key] - 1):
+            raise ValueError(f"{ATTENTION_CONFIG_ENV}: {key} must be a power of 2 >= 16; got {pinned[key]}")
+    return pinned
