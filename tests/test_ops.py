@@ -243,3 +243,19 @@ def test_empty_batch_gives_empty_output(spec, backend):
         out.sum().backward()
         for key in spec.differentiable:
             assert inputs[key].grad is not None and inputs[key].grad.shape == inputs[key].shape
+
+
+@pytest.mark.parametrize("backend", backends_of(attention_op.BACKENDS))
+@pytest.mark.parametrize("seqlen_q,seqlen_k", [(0, 6), (5, 0), (0, 0)])
+def test_attention_zero_length_sequences(backend, seqlen_q, seqlen_k):
+    """seqlen 0: empty output for no queries; no keys means every row is fully
+    masked: output 0, lse -inf where the backend returns it, zero gradients."""
+    q = torch.randn(2, 4, seqlen_q, 8, requires_grad=True)
+    k, v = (torch.randn(2, 2, seqlen_k, 8, requires_grad=True) for _ in range(2))
+    out = fastattn.attention(q, k, v, causal=True, backend=backend)
+    assert out.shape == (2, 4, seqlen_q, 8) and (out.numel() == 0 or out.abs().max() == 0)
+    out.sum().backward()
+    assert q.grad.shape == q.shape and (q.grad.numel() == 0 or q.grad.abs().max() == 0)
+    if backend != "torch":
+        _, lse = fastattn.attention(q, k, v, return_lse=True, backend=backend)
+        assert lse.shape == (2, 4, seqlen_q) and (seqlen_k > 0 or torch.isneginf(lse).all())
