@@ -1,0 +1,328 @@
+"""fastattn.ffn on every backend (triton included): output and every gradient against the
+float64 reference over odd sizes and all activations, optional biases, recompute=True vs
+False, the saved hidden pre-activation, strides, the registered ops (opcheck),
+torch.compile, the tf32 policy, the pinned-config variable, and bad input.
+
+CPU runs use the Triton interpreter, fp32 and fp16 only (tl.dot on bf16 is wrong there);
+bf16 and large shapes are `gpu` tests.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastattn
+from fastattn import reference
+from fastattn.ops import ffn as ffn_op
+from helpers import ATOL, GRAD_FACTOR, assert_within_naive_error, backends_of
+
+BACKENDS = backends_of(ffn_op.BACKENDS)
+ACTIVATIONS = reference.ACTIVATIONS
+GRAD_NAMES = ("x", "w1", "b1", "w2", "b2")
+# (tokens, d_model, d_hidden, d_out): odd sizes, none a multiple of the interpreter's tile
+SHAPES = [(1, 24, 40, 24), (7, 40, 136, 72), (33, 72, 96, 40), (100, 24, 136, 24)]
+GPU = torch.device("cuda")
+
+
+def make_inputs(tokens, d_model, d_hidden, d_out, *, bias=(True, True), device="cpu", lead=(), exact_hidden=False):
+    """fp32 inputs with O(1) activations: x (*lead, tokens, d_model), nn.Linear weights.
+
+    exact_hidden: x, W1, b1 on grids that make H = x·W1ᵀ + b1 exact in fp16 and never 0
+    (multiples of 1/32, offset by 1/64), so relu's derivative cannot flip between
+    precisions and the comparison stays meaningful.
+    """
+    x = torch.randn(*lead, tokens, d_model, device=device)
+    w1 = torch.randn(d_hidden, d_model, device=device) / d_model**0.5
+    w2 = torch.randn(d_out, d_hidden, device=device) / d_hidden**0.5
+    b1 = torch.randn(d_hidden, device=device) if bias[0] else None
+    if exact_hidden:
+        x = torch.randint(-4, 5, x.shape, device=device) / 4
+        w1 = torch.randint(-4, 5, w1.shape, device=device) / 8
+        b1 = torch.randint(-16, 17, (d_hidden,), device=device) / 32 + 1 / 64
+    b2 = torch.randn(d_out, device=device) if bias[1] else None
+    return [x, w1, b1, w2, b2]
+
+
+def as_leaves(tensors, dtype):
+    return [None if t is None else t.detach().to(dtype).requires_grad_() for t in tensors]
+
+
+def run(fn, tensors, cotangent):
+    """fn(*tensors) and the gradients of <fn(...), cotangent> wrt the tensors (None stays None)."""
+    out = fn(*tensors)
+    present = [t for t in tensors if t is not None]
+    grads = iter(torch.autograd.grad(out, present, cotangent.to(out.dtype)))
+    return out, [None if t is None else next(grads) for t in tensors]
+
+
+def check_against_reference(inputs, dtype, backend, activation, recompute=False):
+    """Our output and gradients within the naive same-precision error of the float64 reference."""
+    ref_fn = lambda *t: reference.ffn(*t, activation_name=activation)  # noqa: E731
+    ref_out = reference.ffn(*as_leaves(inputs, torch.float64), activation_name=activation)
+    cotangent = torch.randn_like(ref_out)
+    ref_out, ref_grads = run(ref_fn, as_leaves(inputs, torch.float64), cotangent)
+    naive_out, naive_grads = run(ref_fn, as_leaves(inputs, dtype), cotangent)
+    ours_out, ours_grads = run(
+        lambda *t: fastattn.ffn(*t, activation=activation, recompute=recompute, backend=backend),
+        as_leaves(inputs, dtype), cotangent)
+    assert ours_out.dtype == dtype
+    assert_within_naive_error(ours_out, naive_out, ref_out, what=f"{backend} {activation} y")
+    for name, ours, naive, ref in zip(GRAD_NAMES, ours_grads, naive_grads, ref_grads):
+        assert (ours is None) == (ref is None), name
+        if ref is not None:
+            assert ours.dtype == dtype
+            assert_within_naive_error(ours, naive, ref, factor=GRAD_FACTOR, what=f"{backend} {activation} d{name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_every_activation_and_gradient(backend, dtype, activation):
+    shape = SHAPES[1 + ACTIVATIONS.index(activation) % 3]
+    check_against_reference(make_inputs(*shape, exact_hidden=activation == "relu"), dtype, backend, activation)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES[:1] + [(5, 40, 40, 40), (100, 72, 96, 72)], ids=str)
+def test_odd_sizes(backend, shape):
+    check_against_reference(make_inputs(*shape), torch.float32, backend, "gelu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bias", [(False, False), (True, False), (False, True)], ids=["none", "b1", "b2"])
+def test_optional_biases(backend, bias):
+    check_against_reference(make_inputs(33, 40, 96, 24, bias=bias), torch.float32, backend, "silu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_recompute_matches_saved_hidden(backend):
+    """recompute=True keeps only x and recomputes H: same output, same gradients."""
+    inputs = make_inputs(33, 40, 96, 40)
+    cotangent = torch.randn(33, 40)
+    results = [run(lambda *t: fastattn.ffn(*t, activation="gelu_tanh", recompute=r, backend=backend),
+                   as_leaves(inputs, torch.float32), cotangent) for r in (False, True)]
+    (saved_out, saved_grads), (recomputed_out, recomputed_grads) = results
+    torch.testing.assert_close(recomputed_out, saved_out, rtol=0, atol=0)
+    for name, a, b in zip(GRAD_NAMES, recomputed_grads, saved_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"d{name}")
+    check_against_reference(make_inputs(33, 40, 96, 40, exact_hidden=True), torch.float16, backend, "relu",
+                            recompute=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_registered_ops_hidden_pre_and_placeholders(backend):
+    """ffn_fwd returns H = x·W1ᵀ + b1 only when saving it; ffn_bwd recomputes H from a
+    placeholder and gives placeholder gradients for absent biases."""
+    x, w1, b1, w2, _ = make_inputs(7, 24, 40, 24)
+    y, hidden = ffn_op.ffn_fwd(x, w1, b1, w2, None, "silu", True, backend)
+    torch.testing.assert_close(hidden, torch.addmm(b1, x, w1.t()))
+    torch.testing.assert_close(y, reference.ffn(x, w1, b1, w2, None, activation_name="silu"))
+    y2, placeholder = ffn_op.ffn_fwd(x, w1, b1, w2, None, "silu", False, backend)
+    assert placeholder.shape == (0,) and torch.equal(y2, y)
+    dy = torch.randn_like(y)
+    with_hidden = ffn_op.ffn_bwd(dy, x, w1, b1, w2, None, hidden, "silu", backend)
+    recomputed = ffn_op.ffn_bwd(dy, x, w1, b1, w2, None, placeholder, "silu", backend)
+    assert with_hidden[4].shape == (0,) and recomputed[4].shape == (0,)
+    for a, b in zip(with_hidden, recomputed):
+        torch.testing.assert_close(a, b)
+    expected = reference.ffn_backward(dy, x, w1, b1, w2, None, activation_name="silu")
+    for ours, ref in zip(with_hidden[:4], expected[:4]):
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_inputs_and_stride_zero_gradient(backend):
+    """Non-contiguous x and weights, extra leading dims, and y.sum().backward(), whose
+    gradient reaches the backward expanded with stride 0."""
+    x, w1, b1, w2, b2 = make_inputs(9, 40, 72, 24, lead=(2,))
+    x_strided = x.transpose(0, 1).contiguous().transpose(0, 1)  # (2, 9, 40), non-contiguous
+    w1_strided = w1.t().contiguous().t()  # (72, 40) column-major
+    w2_strided = torch.randn(48, 72)[::2]  # (24, 72), row stride 144
+    leaves = [t.requires_grad_() for t in (x_strided, w1_strided, b1.clone(), w2_strided, b2.clone())]
+    assert not leaves[0].is_contiguous() and not leaves[1].is_contiguous() and not leaves[3].is_contiguous()
+    y = fastattn.ffn(*leaves, activation="gelu", backend=backend)
+    assert y.shape == (2, 9, 24)
+    y.sum().backward()
+    ref_leaves = as_leaves(leaves, torch.float64)
+    reference.ffn(*ref_leaves, activation_name="gelu").sum().backward()
+    torch.testing.assert_close(y.double(), reference.ffn(*ref_leaves, activation_name="gelu").detach(),
+                               rtol=1e-4, atol=1e-5)
+    for name, ours, ref in zip(GRAD_NAMES, leaves, ref_leaves):
+        torch.testing.assert_close(ours.grad.double(), ref.grad, rtol=1e-4, atol=1e-4, msg=f"d{name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_tokens(backend):
+    """An empty batch: empty output, zero weight and bias gradients."""
+    leaves = as_leaves(make_inputs(0, 24, 40, 24), torch.float32)
+    y = fastattn.ffn(*leaves, backend=backend)
+    assert y.shape == (0, 24)
+    y.sum().backward()
+    for t in leaves[1:]:
+        assert torch.equal(t.grad, torch.zeros_like(t))
+
+
+def test_bias_gradients_are_deterministic():
+    inputs = make_inputs(40, 24, 96, 40)
+    cotangent = torch.randn(40, 40)
+    runs = [run(lambda *t: fastattn.ffn(*t, backend="triton"), as_leaves(inputs, torch.float32), cotangent)[1]
+            for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("save_hidden", [True, False], ids=["saved", "recompute"])
+def test_opcheck_triton(save_hidden):
+    x, w1, b1, w2, b2 = make_inputs(7, 24, 40, 40)
+    torch.library.opcheck(ffn_op.ffn_fwd, (x, w1, b1, w2, b2, "gelu", save_hidden, "triton"))
+    y, hidden = ffn_op.ffn_fwd(x, w1, b1, w2, b2, "gelu", save_hidden, "triton")
+    dy = torch.randn_like(y)
+    torch.library.opcheck(ffn_op.ffn_bwd, (dy, x, w1, b1, w2, b2, hidden, "gelu", "triton"))
+    torch.library.opcheck(ffn_op.ffn_bwd, (dy, x, w1, None, w2, None, hidden, "gelu", "triton"))
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recompute"])
+def test_compile_fullgraph_forward_and_backward(recompute):
+    torch._dynamo.reset()
+    inputs = make_inputs(7, 24, 40, 24, lead=(2,))
+    cotangent = torch.randn(2, 7, 24)
+
+    def fn(*t):
+        return fastattn.ffn(*t, activation="silu", recompute=recompute, backend="triton")
+
+    eager_out, eager_grads = run(fn, as_leaves(inputs, torch.float32), cotangent)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out, grads = run(compiled, as_leaves(inputs, torch.float32), cotangent)
+    torch.testing.assert_close(out, eager_out)
+    for a, b in zip(grads, eager_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_tf32_only_when_torch_allows_it():
+    from fastattn.kernels import ffn as kernels
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "ieee"
+        assert not kernels.tf32_allowed() and kernels._dot_precision(torch.float32) == "ieee"
+        matmul.fp32_precision = "tf32"
+        assert kernels.tf32_allowed() and kernels._dot_precision(torch.float32) == "tf32"
+        assert kernels._dot_precision(torch.float16) == kernels._dot_precision(torch.bfloat16) == "tf32"
+    finally:
+        matmul.fp32_precision = before
+
+
+def test_pinned_config_variable(monkeypatch):
+    """FASTATTN_FFN_CONFIG pins the tiles (here narrower ones); malformed values are refused."""
+    from fastattn.kernels import _config
+
+    monkeypatch.setenv(_config.FFN_CONFIG_ENV, "BLOCK_M=16,BLOCK_N=64,BLOCK_K=16,GROUP_M=1")
+    pinned = _config.ffn_pinned_config()
+    assert pinned["BLOCK_M"] == 16 and pinned["BLOCK_K"] == 16 and pinned["num_warps"] == _config.FFN_DEFAULT["num_warps"]
+    check_against_reference(make_inputs(33, 40, 96, 40), torch.float32, "triton", "gelu")
+    for bad in ("BLOCK_M=48", "BLOCK_M=8", "BLOCK_Q=16", "num_warps=0", "BLOCK_M"):
+        monkeypatch.setenv(_config.FFN_CONFIG_ENV, bad)
+        with pytest.raises(ValueError, match=_config.FFN_CONFIG_ENV):
+            _config.ffn_pinned_config()
+
+
+def test_autotune_space():
+    from fastattn.kernels import _config
+
+    for accumulators in (1, 2):
+        configs = _config.ffn_configs(accumulators)
+        assert configs
+        for c in configs:
+            m, n, k = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+            assert _config.ffn_keep(m, n, k, c.num_warps, c.num_stages, accumulators)
+            assert accumulators * m * n // (32 * c.num_warps) <= _config.FFN_ACCUMULATOR_REGISTERS[1]
+    prune = _config.ffn_prune_for_inputs(1)
+    small = prune(_config.ffn_configs(1), {}, A=torch.empty(1, dtype=torch.float32), M=8, N=8000, K=64)
+    assert small and all(c.kwargs["BLOCK_M"] == 64 for c in small)
+    assert all(c.num_stages * c.kwargs["BLOCK_K"] * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * 4
+               <= _config.FFN_SHARED_MEMORY for c in small)
+
+
+def test_triton_limits():
+    x, w1, b1, w2, b2 = make_inputs(4, 24, 40, 24)
+    with pytest.raises(ValueError, match="triton.*float64"):
+        fastattn.ffn(x.double(), w1.double(), b1.double(), w2.double(), b2.double(), backend="triton")
+    if fastattn.backends.triton_interpreter_on():
+        with pytest.raises(ValueError, match="bfloat16.*interpreter"):
+            fastattn.ffn(*(t.bfloat16() for t in (x, w1, b1, w2, b2)), backend="triton")
+    assert ffn_op.BACKENDS.resolve(None, torch.device("cpu"), ffn_op.FfnCall(torch.float32, 24, 40, "gelu")) == "torch"
+
+
+R = torch.randn
+BAD_INPUTS = {
+    "x not a tensor": (lambda: fastattn.ffn([1.0], R(4, 2), None, R(2, 4), None), TypeError, "x must be a torch.Tensor"),
+    "x 0-D": (lambda: fastattn.ffn(R(()), R(4, 1), None, R(1, 4), None), ValueError, "x must be at least 1-D"),
+    "w1 1-D": (lambda: fastattn.ffn(R(3, 8), R(8), None, R(8, 8), None), ValueError, "w1 must be 2-D"),
+    "w1 int": (lambda: fastattn.ffn(R(3, 8), torch.ones(4, 8, dtype=torch.int32), None, R(8, 4), None), TypeError,
+               "w1 must have dtype"),
+    "b2 shape": (lambda: fastattn.ffn(R(3, 8), R(16, 8), None, R(8, 16), R(16)), ValueError,
+                 r"b2 must have shape \(d_out,\) = \(8,\)"),
+    "b1 dtype": (lambda: fastattn.ffn(R(3, 8), R(16, 8), R(16).half(), R(8, 16), None), TypeError,
+                 "b1 has dtype float16 but x has float32"),
+    "w2 device": (lambda: fastattn.ffn(R(3, 8), R(16, 8), None, torch.empty(8, 16, device="meta"), None), ValueError,
+                  "w2 is on meta"),
+    "recompute not bool": (lambda: fastattn.ffn(R(3, 8), R(16, 8), None, R(8, 16), None, recompute=1), TypeError,
+                           "recompute must be a bool"),
+    "activation unknown": (lambda: fastattn.ffn(R(3, 8), R(16, 8), None, R(8, 16), None, activation="tanh"),
+                           ValueError, "activation must be one of"),
+    "backend unknown": (lambda: fastattn.ffn(R(3, 8), R(16, 8), None, R(8, 16), None, backend="cudnn"), ValueError,
+                        "backend must be one of"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS), ids=list(BAD_INPUTS))
+def test_bad_input(case):
+    fn, error, message = BAD_INPUTS[case]
+    with pytest.raises(error, match=message):
+        fn()
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gpu_matches_reference(dtype, activation):
+    inputs = make_inputs(1000, 1024, 2816, 1000, device=GPU)
+    check_against_reference(inputs, dtype, "triton", activation)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(4097, 768, 3072, 768), (1, 4096, 11008, 4096), (333, 1000, 1000, 200)], ids=str)
+def test_gpu_large_and_odd_shapes_bf16(shape):
+    check_against_reference(make_inputs(*shape, device=GPU), torch.bfloat16, "triton", "gelu", recompute=True)
+
+
+@pytest.mark.gpu
+def test_gpu_tf32_follows_torch():
+    """fp32 with tf32 allowed stays within the error of cuBLAS under the same setting."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    try:
+        for precision in ("ieee", "tf32"):
+            matmul.fp32_precision = precision
+            check_against_reference(make_inputs(512, 1024, 4096, 1024, device=GPU), torch.float32, "triton", "gelu")
+    finally:
+        matmul.fp32_precision = before
+
+
+@pytest.mark.gpu
+def test_gpu_auto_prefers_triton_and_compiles():
+    inputs = make_inputs(256, 512, 2048, 512, device=GPU)
+    assert ffn_op.BACKENDS.resolve(None, GPU, ffn_op.FfnCall(torch.bfloat16, 512, 2048, "gelu")) in ("cuda", "triton")
+    leaves = as_leaves(inputs, torch.bfloat16)
+    cotangent = torch.randn(256, 512, device=GPU)
+    fn = lambda *t: fastattn.ffn(*t, backend="triton")  # noqa: E731
+    eager = run(fn, leaves, cotangent)
+    compiled = run(torch.compile(fn, fullgraph=True), leaves, cotangent)
+    torch.testing.assert_close(compiled[0], eager[0])
+    for a, b in zip(compiled[1], eager[1]):
+        torch.testing.assert_close(a, b, atol=ATOL[torch.bfloat16], rtol=1.6e-2)

@@ -1,0 +1,252 @@
+"""fastattn.gated_ffn (SwiGLU, GeGLU, ...) on every backend (triton included): output and
+every gradient against the float64 reference over odd sizes and all activations,
+recompute=True vs False, the saved pre-activations, strides, the registered ops
+(opcheck), torch.compile and bad input.
+
+CPU runs use the Triton interpreter, fp32 and fp16 only (tl.dot on bf16 is wrong there);
+bf16 and large shapes are `gpu` tests.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastattn
+from fastattn import reference
+from fastattn.ops import gated_ffn as gated_op
+from helpers import ATOL, GRAD_FACTOR, assert_within_naive_error, backends_of
+
+BACKENDS = backends_of(gated_op.BACKENDS)
+ACTIVATIONS = reference.ACTIVATIONS
+GRAD_NAMES = ("x", "w_gate", "w_up", "w_down")
+# (tokens, d_model, d_hidden, d_out): odd sizes, none a multiple of the interpreter's tile
+SHAPES = [(1, 24, 40, 24), (7, 40, 136, 72), (33, 72, 96, 40), (100, 24, 136, 24)]
+GPU = torch.device("cuda")
+
+
+def make_inputs(tokens, d_model, d_hidden, d_out, *, device="cpu", lead=(), exact_gate=False):
+    """fp32 inputs: x (*lead, tokens, d_model) and nn.Linear weights.
+
+    exact_gate: x and W_gate on grids that make G = x·W_gateᵀ exact in fp16 and never 0
+    (x[..., 0] = 1 and W_gate[:, 0] off the grid by 1/64), so relu's derivative cannot
+    flip between precisions.
+    """
+    x = torch.randn(*lead, tokens, d_model, device=device)
+    w_gate = torch.randn(d_hidden, d_model, device=device) / d_model**0.5
+    w_up = torch.randn(d_hidden, d_model, device=device) / d_model**0.5
+    w_down = torch.randn(d_out, d_hidden, device=device) / d_hidden**0.5
+    if exact_gate:
+        x = torch.randint(-4, 5, x.shape, device=device) / 4
+        x[..., 0] = 1.0
+        w_gate = torch.randint(-4, 5, w_gate.shape, device=device) / 8
+        w_gate[:, 0] = torch.randint(-16, 17, (d_hidden,), device=device) / 32 + 1 / 64
+    return [x, w_gate, w_up, w_down]
+
+
+def as_leaves(tensors, dtype):
+    return [t.detach().to(dtype).requires_grad_() for t in tensors]
+
+
+def run(fn, tensors, cotangent):
+    out = fn(*tensors)
+    return out, list(torch.autograd.grad(out, tensors, cotangent.to(out.dtype)))
+
+
+def check_against_reference(inputs, dtype, backend, activation, recompute=False):
+    """Our output and gradients within the naive same-precision error of the float64 reference."""
+    ref_fn = lambda *t: reference.gated_ffn(*t, activation_name=activation)  # noqa: E731
+    ref_out = ref_fn(*as_leaves(inputs, torch.float64))
+    cotangent = torch.randn_like(ref_out)
+    ref_out, ref_grads = run(ref_fn, as_leaves(inputs, torch.float64), cotangent)
+    naive_out, naive_grads = run(ref_fn, as_leaves(inputs, dtype), cotangent)
+    ours_out, ours_grads = run(
+        lambda *t: fastattn.gated_ffn(*t, activation=activation, recompute=recompute, backend=backend),
+        as_leaves(inputs, dtype), cotangent)
+    assert ours_out.dtype == dtype
+    assert_within_naive_error(ours_out, naive_out, ref_out, what=f"{backend} {activation} y")
+    for name, ours, naive, ref in zip(GRAD_NAMES, ours_grads, naive_grads, ref_grads):
+        assert ours.dtype == dtype
+        assert_within_naive_error(ours, naive, ref, factor=GRAD_FACTOR, what=f"{backend} {activation} d{name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_every_activation_and_gradient(backend, dtype, activation):
+    shape = SHAPES[1 + ACTIVATIONS.index(activation) % 3]
+    check_against_reference(make_inputs(*shape, exact_gate=activation == "relu"), dtype, backend, activation)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES[:1] + [(5, 40, 40, 40), (100, 72, 96, 72)], ids=str)
+def test_odd_sizes(backend, shape):
+    check_against_reference(make_inputs(*shape), torch.float32, backend, "silu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_recompute_matches_saved_pre_activations(backend):
+    """recompute=True keeps only x and recomputes G and U: same output, same gradients."""
+    inputs = make_inputs(33, 40, 96, 40)
+    cotangent = torch.randn(33, 40)
+    results = [run(lambda *t: fastattn.gated_ffn(*t, activation="gelu", recompute=r, backend=backend),
+                   as_leaves(inputs, torch.float32), cotangent) for r in (False, True)]
+    (saved_out, saved_grads), (recomputed_out, recomputed_grads) = results
+    torch.testing.assert_close(recomputed_out, saved_out, rtol=0, atol=0)
+    for name, a, b in zip(GRAD_NAMES, recomputed_grads, saved_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"d{name}")
+    check_against_reference(make_inputs(33, 40, 96, 40), torch.float16, backend, "silu", recompute=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_registered_ops_pre_activations_and_placeholders(backend):
+    """gated_ffn_fwd returns G = x·W_gateᵀ and U = x·W_upᵀ only when saving them;
+    gated_ffn_bwd recomputes them from placeholders."""
+    x, w_gate, w_up, w_down = make_inputs(7, 24, 40, 24)
+    y, gate, up = gated_op.gated_ffn_fwd(x, w_gate, w_up, w_down, "silu", True, backend)
+    torch.testing.assert_close(gate, x @ w_gate.t())
+    torch.testing.assert_close(up, x @ w_up.t())
+    torch.testing.assert_close(y, reference.gated_ffn(x, w_gate, w_up, w_down))
+    y2, gate0, up0 = gated_op.gated_ffn_fwd(x, w_gate, w_up, w_down, "silu", False, backend)
+    assert gate0.shape == (0,) and up0.shape == (0,) and torch.equal(y2, y)
+    dy = torch.randn_like(y)
+    with_saved = gated_op.gated_ffn_bwd(dy, x, w_gate, w_up, w_down, gate, up, "silu", backend)
+    recomputed = gated_op.gated_ffn_bwd(dy, x, w_gate, w_up, w_down, gate0, up0, "silu", backend)
+    expected = reference.gated_ffn_backward(dy, x, w_gate, w_up, w_down)
+    for a, b, ref in zip(with_saved, recomputed, expected):
+        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_inputs_and_stride_zero_gradient(backend):
+    """Non-contiguous x and weights, extra leading dims, and y.sum().backward(), whose
+    gradient reaches the backward expanded with stride 0."""
+    x, w_gate, w_up, _ = make_inputs(9, 40, 72, 24, lead=(2,))
+    x_strided = x.transpose(0, 1).contiguous().transpose(0, 1)  # (2, 9, 40), non-contiguous
+    w_gate_strided = w_gate.t().contiguous().t()  # (72, 40) column-major
+    w_down_strided = torch.randn(48, 72)[::2] / 8  # (24, 72), row stride 144
+    leaves = [t.requires_grad_() for t in (x_strided, w_gate_strided, w_up.clone(), w_down_strided)]
+    y = fastattn.gated_ffn(*leaves, activation="gelu_tanh", backend=backend)
+    assert y.shape == (2, 9, 24)
+    y.sum().backward()
+    ref_leaves = as_leaves(leaves, torch.float64)
+    ref_out = reference.gated_ffn(*ref_leaves, activation_name="gelu_tanh")
+    ref_out.sum().backward()
+    torch.testing.assert_close(y.double(), ref_out.detach(), rtol=1e-4, atol=1e-5)
+    for name, ours, ref in zip(GRAD_NAMES, leaves, ref_leaves):
+        torch.testing.assert_close(ours.grad.double(), ref.grad, rtol=1e-4, atol=1e-4, msg=f"d{name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_tokens(backend):
+    leaves = as_leaves(make_inputs(0, 24, 40, 24), torch.float32)
+    y = fastattn.gated_ffn(*leaves, backend=backend)
+    assert y.shape == (0, 24)
+    y.sum().backward()
+    for t in leaves[1:]:
+        assert torch.equal(t.grad, torch.zeros_like(t))
+
+
+@pytest.mark.parametrize("save_hidden", [True, False], ids=["saved", "recompute"])
+def test_opcheck_triton(save_hidden):
+    x, w_gate, w_up, w_down = make_inputs(7, 24, 40, 40)
+    torch.library.opcheck(gated_op.gated_ffn_fwd, (x, w_gate, w_up, w_down, "gelu", save_hidden, "triton"))
+    y, gate, up = gated_op.gated_ffn_fwd(x, w_gate, w_up, w_down, "gelu", save_hidden, "triton")
+    torch.library.opcheck(gated_op.gated_ffn_bwd,
+                          (torch.randn_like(y), x, w_gate, w_up, w_down, gate, up, "gelu", "triton"))
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recompute"])
+def test_compile_fullgraph_forward_and_backward(recompute):
+    torch._dynamo.reset()
+    inputs = make_inputs(7, 24, 40, 24, lead=(2,))
+    cotangent = torch.randn(2, 7, 24)
+
+    def fn(*t):
+        return fastattn.gated_ffn(*t, recompute=recompute, backend="triton")
+
+    eager_out, eager_grads = run(fn, as_leaves(inputs, torch.float32), cotangent)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out, grads = run(compiled, as_leaves(inputs, torch.float32), cotangent)
+    torch.testing.assert_close(out, eager_out)
+    for a, b in zip(grads, eager_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_compile_with_inductor():
+    torch._dynamo.reset()
+    inputs = make_inputs(7, 24, 40, 24)
+    cotangent = torch.randn(7, 24)
+
+    def fn(*t):
+        return fastattn.gated_ffn(*t, backend="triton") * 2
+
+    eager_out, eager_grads = run(fn, as_leaves(inputs, torch.float32), cotangent)
+    out, grads = run(torch.compile(fn, fullgraph=True), as_leaves(inputs, torch.float32), cotangent)
+    torch.testing.assert_close(out, eager_out)
+    for a, b in zip(grads, eager_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_triton_limits():
+    x, w_gate, w_up, w_down = make_inputs(4, 24, 40, 24)
+    with pytest.raises(ValueError, match="triton.*float64"):
+        fastattn.gated_ffn(x.double(), w_gate.double(), w_up.double(), w_down.double(), backend="triton")
+    if fastattn.backends.triton_interpreter_on():
+        with pytest.raises(ValueError, match="bfloat16.*interpreter"):
+            fastattn.gated_ffn(*(t.bfloat16() for t in (x, w_gate, w_up, w_down)), backend="triton")
+
+
+R = torch.randn
+BAD_INPUTS = {
+    "x not a tensor": (lambda: fastattn.gated_ffn(3.0, R(4, 2), R(4, 2), R(2, 4)), TypeError,
+                       "x must be a torch.Tensor"),
+    "w_gate shape": (lambda: fastattn.gated_ffn(R(3, 8), R(16, 7), R(16, 8), R(8, 16)), ValueError,
+                     r"w_gate must have shape \(d_hidden, d_model\) .* d_model = 8"),
+    "w_up 3-D": (lambda: fastattn.gated_ffn(R(3, 8), R(16, 8), R(1, 16, 8), R(8, 16)), ValueError, "w_up must be 2-D"),
+    "w_down dtype": (lambda: fastattn.gated_ffn(R(3, 8), R(16, 8), R(16, 8), R(8, 16).half()), TypeError,
+                     "w_down has dtype float16 but x has float32"),
+    "w_up device": (lambda: fastattn.gated_ffn(R(3, 8), R(16, 8), torch.empty(16, 8, device="meta"), R(8, 16)),
+                    ValueError, "w_up is on meta"),
+    "recompute not bool": (lambda: fastattn.gated_ffn(R(3, 8), R(16, 8), R(16, 8), R(8, 16), recompute="yes"),
+                           TypeError, "recompute must be a bool"),
+    "activation unknown": (lambda: fastattn.gated_ffn(R(3, 8), R(16, 8), R(16, 8), R(8, 16), activation="swiglu"),
+                           ValueError, "activation must be one of"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS), ids=list(BAD_INPUTS))
+def test_bad_input(case):
+    fn, error, message = BAD_INPUTS[case]
+    with pytest.raises(error, match=message):
+        fn()
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gpu_matches_reference(dtype, activation):
+    check_against_reference(make_inputs(1000, 1024, 2731, 1000, device=GPU), dtype, "triton", activation)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(4097, 768, 2048, 768), (1, 4096, 11008, 4096), (333, 1000, 1000, 200)], ids=str)
+def test_gpu_large_and_odd_shapes_bf16(shape):
+    check_against_reference(make_inputs(*shape, device=GPU), torch.bfloat16, "triton", "silu", recompute=True)
+
+
+@pytest.mark.gpu
+def test_gpu_compiles():
+    inputs = make_inputs(256, 512, 1365, 512, device=GPU)
+    leaves = as_leaves(inputs, torch.bfloat16)
+    cotangent = torch.randn(256, 512, device=GPU)
+    fn = lambda *t: fastattn.gated_ffn(*t, backend="triton")  # noqa: E731
+    eager = run(fn, leaves, cotangent)
+    compiled = run(torch.compile(fn, fullgraph=True), leaves, cotangent)
+    torch.testing.assert_close(compiled[0], eager[0])
+    for a, b in zip(compiled[1], eager[1]):
+        torch.testing.assert_close(a, b, atol=ATOL[torch.bfloat16], rtol=1.6e-2)
