@@ -107,7 +107,17 @@ def _torch_forward(q, k, v, attn_bias, alibi_slopes, rng_seed, scale, window_lef
     return out.contiguous(), lse
 
 
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TRITON_MAX_HEAD_DIM = 256
+
+
 def limits(backend: str, call: AttentionCall) -> Optional[str]:
+    if backend == "triton":
+        if call.dtype not in TRITON_DTYPES:
+            return f"the Triton kernels take float16, bfloat16 or float32, got {check.dtype_name(call.dtype)}"
+        if max(call.head_dim, call.head_dim_v) > TRITON_MAX_HEAD_DIM:
+            return (f"the Triton kernels take head_dim up to {TRITON_MAX_HEAD_DIM}, got head_dim "
+                    f"{call.head_dim} (q, k) and {call.head_dim_v} (v)")
     if backend == "torch":
         if call.softcap > 0:
             return "F.scaled_dot_product_attention has no softcap"
@@ -131,10 +141,22 @@ def _reference_backward(dout, dlse, q, k, v, out, lse, attn_bias, alibi_slopes, 
     return dq, dk, dv, empty_placeholder(q) if dbias is None else dbias
 
 
+def _triton_forward(*args):
+    from fastattn.kernels import attention as kernels  # lazily: importing triton is slow
+
+    return kernels.attention_forward(*args)
+
+
+def _triton_backward(*args):
+    from fastattn.kernels import attention as kernels
+
+    return kernels.attention_backward(*args)
+
+
 BACKENDS = BackendTable(
     "attention",
-    forward={"naive": _naive_forward, "torch": _torch_forward},
-    backward={"naive": _reference_backward, "torch": _reference_backward},
+    forward={"naive": _naive_forward, "torch": _torch_forward, "triton": _triton_forward},
+    backward={"naive": _reference_backward, "torch": _reference_backward, "triton": _triton_backward},
     limits=limits,
 )
 

@@ -1,0 +1,953 @@
+"""Fused attention (FlashAttention-2) in Triton: forward and deterministic backward.
+
+Notation, per (batch b, head h), query row i, key column j; kv head = h // (heads // kv_heads):
+
+    s_ij  = scale · q_i·k_j                                     raw scaled score
+    c_ij  = softcap · tanh(s_ij / softcap)   (else c_ij = s_ij)  soft-capped score
+    x_ij  = c_ij - slope_bh·|i + off - j| + bias_bhij            ALiBi and additive bias
+    x_ij  = -inf where key j is not visible from row i:
+            visible iff i + off - window_left <= j <= i + off + window_right (an unbounded
+            side is no constraint), j < seqlen_k, and a bool mask (if given) is True;
+            off = seqlen_k - seqlen_q (bottom-right) or 0 (top-left); causal = window_right 0
+    lse_i = log Σ_j exp(x_ij)            (fp32, natural log; -inf for a fully masked row)
+    P_ij  = exp(x_ij - lse_i)
+    Z_ij  = keep-mask of dropout (u_ij >= dropout_p, u from Philox(seed; j, i, b·heads + h))
+    o_i   = Σ_j P_ij · Z_ij / (1 - dropout_p) · v_j              (0 for a fully masked row)
+
+Forward (one program per (BLOCK_M query rows, h, b)): q stays in registers, key/value
+tiles stream through, online softmax in base 2 with fp32 running max m and sum l:
+    m' = max(m, max_j x_ij·log2e);  l' = l·2^(m - m') + Σ_j 2^(x_ij·log2e - m')
+    acc' = acc·2^(m - m') + (2^(x·log2e - m') ∘ Z) V
+    o = acc / l / (1 - p),  lse = (m + log2 l) · ln2
+Tiles that no row can see are skipped; tiles every row sees fully run without the
+visibility mask, the edge tiles (diagonal, window edges, sequence end) with it.
+
+Backward, with dO the output gradient and dlse the gradient of lse (0 if absent):
+    δ_i   = rowsum(dO_i ∘ o_i) - dlse_i                                (preprocess kernel)
+    dP_ij = (dO_i·v_j) · Z_ij / (1 - p)
+    dX_ij = P_ij · (dP_ij - δ_i)                         (= dbias_bhij before reduction)
+    dS_ij = dX_ij · (1 - (c_ij/softcap)²)   with softcap, else dX_ij
+    dV_j  = Σ_h∈group Σ_i P_ij Z_ij/(1 - p) · dO_i
+    dK_j  = scale · Σ_h∈group Σ_i dS_ij q_i      (programs over key tiles, loop over the group)
+    dQ_i  = scale · Σ_j dS_ij k_j                (programs over query tiles)
+    dbias = dX summed over the broadcast dims of the bias (programs over bias tiles)
+P is recomputed from lse, Z from (seed, position): nothing N² is stored, and no
+program adds into memory another program writes, so the backward is deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _config
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# bias kinds (BIAS_KIND): none, additive float, bool mask (True = attend)
+_NO_BIAS, _FLOAT_BIAS, _BOOL_MASK = 0, 1, 2
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@triton.jit
+def _tanh(x):
+    """tanh to fp32 precision: odd Taylor polynomial for |x| < 1/4, (1 - e^-2|x|)/(1 + e^-2|x|)
+    above (no cancellation there)."""
+    ax = tl.abs(x)
+    e = tl.exp(-2.0 * ax)
+    big = (1.0 - e) / (1.0 + e)
+    x2 = ax * ax
+    small = ax * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
+    t = tl.where(ax < 0.25, small, big)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _load_tile(
+    ptrs,          # pointers of a (R, C) tile
+    offs_r,        # (R,) row indices
+    n_r,           # rows in bounds: offs_r < n_r
+    offs_c,        # (C,) column indices
+    n_c,           # columns in bounds: offs_c < n_c
+    CHECK_R: tl.constexpr,  # mask rows
+    CHECK_C: tl.constexpr,  # mask columns
+):
+    if CHECK_R:
+        if CHECK_C:
+            return tl.load(ptrs, mask=(offs_r[:, None] < n_r) & (offs_c[None, :] < n_c), other=0.0)
+        else:
+            return tl.load(ptrs, mask=offs_r[:, None] < n_r, other=0.0)
+    else:
+        if CHECK_C:
+            return tl.load(ptrs, mask=offs_c[None, :] < n_c, other=0.0)
+        else:
+            return tl.load(ptrs)
+
+
+@triton.jit
+def _dropout_keep(
+    seed,          # Philox key (int64 scalar)
+    bh,            # b * heads + h (query head)
+    rows,          # query indices, broadcastable to the tile
+    cols,          # key indices, broadcastable to the tile
+    dropout_p,     # drop probability
+):
+    """Keep-mask of one tile: u >= dropout_p, u uniform from Philox(seed; j, i, bh, 0)."""
+    c0 = cols + rows * 0
+    c1 = rows + cols * 0
+    zero = c0 * 0
+    r, _, _, _ = tl.philox(seed, c0, c1, zero + bh, zero)
+    return tl.uint_to_uniform_float(r) >= dropout_p
+
+
+@triton.jit
+def _scores(
+    qk,            # fp32 tile of raw products q_i·k_j, any orientation
+    rows,          # query indices i, broadcastable to qk
+    cols,          # key indices j, broadcastable to qk
+    seqlen_q,
+    seqlen_k,
+    diag_offset,   # off: seqlen_k - seqlen_q (bottom-right) or 0 (top-left)
+    window_left,   # left window (>= seqlen_q + seqlen_k when unbounded)
+    window_right,  # right window (likewise)
+    sm_scale,      # softmax scale
+    softcap,       # softcap (> 0 when HAS_SOFTCAP)
+    slope,         # ALiBi slope of this (b, h), fp32
+    Bias,          # bias / mask of this (b, h): element (i, j) at i*stride_bm + j*stride_bn
+    stride_bm,
+    stride_bn,
+    MASKED: tl.constexpr,      # apply the visibility rule (edge tiles)
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    BIAS_KIND: tl.constexpr,   # 0 none, 1 float bias, 2 bool mask
+):
+    """x·log2e of the tile (-inf where not visible), and tanh(s/softcap) (or qk)."""
+    if HAS_SOFTCAP:
+        t = _tanh(qk * (sm_scale / softcap))
+        x = t * (softcap * 1.4426950408889634)
+    else:
+        t = qk
+        x = qk * (sm_scale * 1.4426950408889634)
+    if HAS_ALIBI:
+        x -= (slope * 1.4426950408889634) * tl.abs(rows + diag_offset - cols).to(tl.float32)
+    if BIAS_KIND != 0:
+        in_bounds = (rows < seqlen_q) & (cols < seqlen_k)
+        b = tl.load(Bias + rows * stride_bm + cols * stride_bn, mask=in_bounds, other=0)
+        if BIAS_KIND == 1:
+            x += b.to(tl.float32) * 1.4426950408889634
+        else:
+            x = tl.where(b != 0, x, float("-inf"))
+    if MASKED:
+        visible = (cols < seqlen_k) & (cols >= rows + diag_offset - window_left) & (
+            cols <= rows + diag_offset + window_right
+        )
+        x = tl.where(visible, x, float("-inf"))
+    return x, t
+
+
+@triton.jit
+def _key_ranges(
+    m0,            # first query row of the tile
+    seqlen_k,
+    diag_offset,
+    window_left,
+    window_right,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Key range [lo, hi) some row of the tile sees, and its BLOCK_N-aligned part
+    [full_lo, full_hi) that every row sees whole (run without the visibility mask)."""
+    lo = tl.maximum(m0 + diag_offset - window_left, 0) // BLOCK_N * BLOCK_N
+    hi = tl.maximum(tl.minimum(m0 + BLOCK_M + diag_offset + window_right, seqlen_k), lo)
+    full_lo = (tl.maximum(m0 + BLOCK_M - 1 + diag_offset - window_left, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.maximum(tl.minimum(m0 + diag_offset + window_right + 1, seqlen_k), 0) // BLOCK_N * BLOCK_N
+    full_hi = tl.maximum(full_hi, full_lo)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _query_ranges(
+    n0,            # first key column of the tile
+    seqlen_q,
+    seqlen_k,
+    diag_offset,
+    window_left,
+    window_right,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Query range [lo, hi) that sees some key of the tile, and its BLOCK_M-aligned part
+    [full_lo, full_hi) that sees every key of the tile (none if the tile passes seqlen_k)."""
+    lo = tl.maximum(n0 - diag_offset - window_right, 0) // BLOCK_M * BLOCK_M
+    hi = tl.maximum(tl.minimum(n0 + BLOCK_N - diag_offset + window_left, seqlen_q), lo)
+    full_lo = (tl.maximum(n0 + BLOCK_N - 1 - diag_offset - window_right, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.maximum(tl.minimum(n0 - diag_offset + window_left + 1, seqlen_q), 0) // BLOCK_M * BLOCK_M
+    full_hi = tl.maximum(full_hi, full_lo)
+    partial = n0 + BLOCK_N > seqlen_k
+    full_lo = tl.where(partial, hi, full_lo)
+    full_hi = tl.where(partial, hi, full_hi)
+    return lo, full_lo, full_hi, hi
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _attention_fwd_inner(
+    acc, l_i, m_i,             # running output (BLOCK_M, BLOCK_DV) fp32, sum and max (BLOCK_M,) fp32
+    q,                         # (BLOCK_M, BLOCK_D) query tile
+    K, V,                      # k[b, kv_head], v[b, kv_head] base pointers
+    stride_kn, stride_kk, stride_vn, stride_vk,
+    Bias, stride_bm, stride_bn,  # bias of (b, h) and its row/column strides
+    offs_m, offs_d, offs_dv,
+    start_n, end_n,            # key range, start_n a multiple of BLOCK_N
+    seqlen_q, seqlen_k, diag_offset, window_left, window_right,
+    sm_scale, softcap, slope, seed, bh, dropout_p,
+    D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    BIAS_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    for start in range(start_n, end_n, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        k_t = _load_tile(K + offs_d[:, None] * stride_kk + offs_n[None, :] * stride_kn,
+                         offs_d, D, offs_n, seqlen_k, D != BLOCK_D, MASKED)  # (BLOCK_D, BLOCK_N)
+        qk = tl.dot(q, k_t, input_precision=DOT_PRECISION)
+        x, _ = _scores(qk, offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, diag_offset,
+                       window_left, window_right, sm_scale, softcap, slope, Bias, stride_bm,
+                       stride_bn, MASKED, HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND)
+        m_new = tl.maximum(m_i, tl.max(x, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far: exp2 -> 0
+        p = tl.math.exp2(x - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DROPOUT:
+            p = tl.where(_dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], dropout_p), p, 0.0)
+        v = _load_tile(V + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vk,
+                       offs_n, seqlen_k, offs_dv, DV, MASKED, DV != BLOCK_DV)  # (BLOCK_N, BLOCK_DV)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    Q,             # (batch, heads, seqlen_q, D)
+    K,             # (batch, kv_heads, seqlen_k, D)
+    V,             # (batch, kv_heads, seqlen_k, DV)
+    Bias,          # float bias or bool mask (as uint8), broadcast to (batch, heads, seqlen_q, seqlen_k) by 0 strides
+    Slopes,        # ALiBi slopes (heads,) or (batch, heads)
+    Out,           # (batch, heads, seqlen_q, DV) output
+    Lse,           # (batch, heads, seqlen_q) fp32 output, natural log
+    stride_qb, stride_qh, stride_qm, stride_qk,
+    stride_kb, stride_kh, stride_kn, stride_kk,
+    stride_vb, stride_vh, stride_vn, stride_vk,
+    stride_biasb, stride_biash, stride_biasm, stride_biasn,
+    stride_sb, stride_sh,
+    stride_ob, stride_oh, stride_om, stride_ok,
+    stride_lb, stride_lh, stride_lm,
+    heads,         # query heads
+    group,         # heads // kv_heads
+    seqlen_q,
+    seqlen_k,
+    diag_offset,   # seqlen_k - seqlen_q (bottom-right) or 0 (top-left)
+    window_left,   # >= seqlen_q + seqlen_k when unbounded
+    window_right,  # likewise; 0 = causal
+    sm_scale,      # softmax scale
+    softcap,       # > 0 when HAS_SOFTCAP
+    seed,          # dropout Philox seed
+    dropout_p,     # drop probability
+    seqlen_bucket,  # autotune key only
+    D: tl.constexpr,          # head_dim of q, k
+    DV: tl.constexpr,         # head_dim of v
+    BLOCK_D: tl.constexpr,    # D padded to a power of two >= 16
+    BLOCK_DV: tl.constexpr,   # DV padded likewise
+    IS_CAUSAL: tl.constexpr,  # autotune key only
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    BIAS_KIND: tl.constexpr,  # 0 none, 1 float bias, 2 bool mask
+    HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    kvh = h // group
+    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    K += b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
+    V += b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
+    Bias += b.to(tl.int64) * stride_biasb + h.to(tl.int64) * stride_biash
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Slopes + b * stride_sb + h * stride_sh).to(tl.float32)
+
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = _load_tile(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk,
+                   offs_m, seqlen_q, offs_d, D, True, D != BLOCK_D)  # (BLOCK_M, BLOCK_D)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    bh = b * heads + h
+    lo, full_lo, full_hi, hi = _key_ranges(m0, seqlen_k, diag_offset, window_left, window_right,
+                                           BLOCK_M, BLOCK_N)
+    # left edge of the window, the tiles every row sees whole, then the diagonal / end edge
+    acc, l_i, m_i = _attention_fwd_inner(
+        acc, l_i, m_i, q, K, V, stride_kn, stride_kk, stride_vn, stride_vk, Bias, stride_biasm,
+        stride_biasn, offs_m, offs_d, offs_dv, lo, full_lo, seqlen_q, seqlen_k, diag_offset,
+        window_left, window_right, sm_scale, softcap, slope, seed, bh, dropout_p, D, DV, BLOCK_N,
+        BLOCK_D, BLOCK_DV, True, HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND, HAS_DROPOUT, DOT_PRECISION)
+    acc, l_i, m_i = _attention_fwd_inner(
+        acc, l_i, m_i, q, K, V, stride_kn, stride_kk, stride_vn, stride_vk, Bias, stride_biasm,
+        stride_biasn, offs_m, offs_d, offs_dv, full_lo, full_hi, seqlen_q, seqlen_k, diag_offset,
+        window_left, window_right, sm_scale, softcap, slope, seed, bh, dropout_p, D, DV, BLOCK_N,
+        BLOCK_D, BLOCK_DV, False, HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND, HAS_DROPOUT, DOT_PRECISION)
+    acc, l_i, m_i = _attention_fwd_inner(
+        acc, l_i, m_i, q, K, V, stride_kn, stride_kk, stride_vn, stride_vk, Bias, stride_biasm,
+        stride_biasn, offs_m, offs_d, offs_dv, full_hi, hi, seqlen_q, seqlen_k, diag_offset,
+        window_left, window_right, sm_scale, softcap, slope, seed, bh, dropout_p, D, DV, BLOCK_N,
+        BLOCK_D, BLOCK_DV, True, HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND, HAS_DROPOUT, DOT_PRECISION)
+
+    empty = l_i == 0.0  # fully masked row: out 0, lse -inf
+    inv_l = 1.0 / tl.where(empty, 1.0, l_i)
+    if HAS_DROPOUT:
+        inv_l = inv_l / (1.0 - dropout_p)
+    out = acc * inv_l[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    Out += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    out_ptrs = Out + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_ok
+    tl.store(out_ptrs, out.to(Out.dtype.element_ty),
+             mask=(offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < DV))
+    Lse += b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
+    tl.store(Lse + offs_m * stride_lm, lse, mask=offs_m < seqlen_q)
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _attention_bwd_preprocess_kernel(
+    Out,           # (batch, heads, seqlen_q, DV) forward output
+    dOut,          # (batch, heads, seqlen_q, DV) its gradient (any strides, 0 included)
+    Lse,           # (batch, heads, seqlen_q) fp32 forward logsumexp
+    dLse,          # (batch, heads, seqlen_q) gradient of lse (if HAS_DLSE)
+    Delta,         # (batch * heads, seqlen_q) fp32 output: rowsum(dO ∘ O) - dlse
+    Lse2,          # (batch * heads, seqlen_q) fp32 output: lse·log2e, +inf for fully masked rows
+    stride_ob, stride_oh, stride_om, stride_ok,
+    stride_dob, stride_doh, stride_dom, stride_dok,
+    stride_lb, stride_lh, stride_lm,
+    stride_dlb, stride_dlh, stride_dlm,
+    heads,
+    seqlen_q,
+    DV: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    HAS_DLSE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    Out += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    dOut += b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+    o = _load_tile(Out + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_ok,
+                   offs_m, seqlen_q, offs_dv, DV, True, DV != BLOCK_DV)
+    do = _load_tile(dOut + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dok,
+                    offs_m, seqlen_q, offs_dv, DV, True, DV != BLOCK_DV)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    in_bounds = offs_m < seqlen_q
+    if HAS_DLSE:
+        dlse = tl.load(dLse + b.to(tl.int64) * stride_dlb + h.to(tl.int64) * stride_dlh + offs_m * stride_dlm,
+                       mask=in_bounds, other=0.0)
+        delta -= dlse.to(tl.float32)
+    lse = tl.load(Lse + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + offs_m * stride_lm,
+                  mask=in_bounds, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    row = (b * heads + h).to(tl.int64) * seqlen_q
+    tl.store(Delta + row + offs_m, delta, mask=in_bounds)
+    tl.store(Lse2 + row + offs_m, lse2, mask=in_bounds)
+
+
+@triton.jit
+def _attention_bwd_dkdv_inner(
+    dk, dv,                    # (BLOCK_N, BLOCK_D), (BLOCK_N, BLOCK_DV) fp32 accumulators
+    k, v,                      # (BLOCK_N, BLOCK_D), (BLOCK_N, BLOCK_DV) key / value tiles
+    Q, dO,                     # q[b, h], dout[b, h] base pointers
+    stride_qm, stride_qk, stride_dom, stride_dok,
+    Lse2, Delta,               # rows of (b, h) in the preprocess outputs
+    Bias, stride_bm, stride_bn,
+    offs_n, offs_d, offs_dv,
+    start_m, end_m,            # query range, start_m a multiple of BLOCK_M
+    seqlen_q, seqlen_k, diag_offset, window_left, window_right,
+    sm_scale, softcap, slope, seed, bh, dropout_p,
+    D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    BIAS_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # tiles are transposed: (BLOCK_N keys, BLOCK_M queries)
+    for start in range(start_m, end_m, BLOCK_M):
+        offs_m = start + tl.arange(0, BLOCK_M)
+        q_t = _load_tile(Q + offs_d[:, None] * stride_qk + offs_m[None, :] * stride_qm,
+                         offs_d, D, offs_m, seqlen_q, D != BLOCK_D, MASKED)  # (BLOCK_D, BLOCK_M)
+        kq = tl.dot(k, q_t, input_precision=DOT_PRECISION)
+        x_t, t_t = _scores(kq, offs_m[None, :], offs_n[:, None], seqlen_q, seqlen_k, diag_offset,
+                           window_left, window_right, sm_scale, softcap, slope, Bias, stride_bm,
+                           stride_bn, MASKED, HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND)
+        if MASKED:
+            lse2 = tl.load(Lse2 + offs_m, mask=offs_m < seqlen_q, other=float("inf"))
+            delta = tl.load(Delta + offs_m, mask=offs_m < seqlen_q, other=0.0)
+        else:
+            lse2 = tl.load(Lse2 + offs_m)
+            delta = tl.load(Delta + offs_m)
+        p_t = tl.math.exp2(x_t - lse2[None, :])
+        do = _load_tile(dO + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dok,
+                        offs_m, seqlen_q, offs_dv, DV, MASKED, DV != BLOCK_DV)  # (BLOCK_M, BLOCK_DV)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], dropout_p)
+            keep_scale = 1.0 / (1.0 - dropout_p)
+            pd_t = tl.where(keep, p_t * keep_scale, 0.0)
+            dp_t = tl.where(keep, dp_t * keep_scale, 0.0)
+        else:
+            pd_t = p_t
+        dv += tl.dot(pd_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        if HAS_SOFTCAP:
+            ds_t = ds_t * (1.0 - t_t * t_t)
+        dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    Q,             # (batch, heads, seqlen_q, D)
+    K,             # (batch, kv_heads, seqlen_k, D)
+    V,             # (batch, kv_heads, seqlen_k, DV)
+    Bias,          # as in the forward
+    Slopes,        # as in the forward
+    dO,            # (batch, heads, seqlen_q, DV) output gradient
+    Lse2,          # (batch * heads, seqlen_q) fp32 from the preprocess
+    Delta,         # (batch * heads, seqlen_q) fp32 from the preprocess
+    dK,            # (batch, kv_heads, seqlen_k, D) output
+    dV,            # (batch, kv_heads, seqlen_k, DV) output
+    stride_qb, stride_qh, stride_qm, stride_qk,
+    stride_kb, stride_kh, stride_kn, stride_kk,
+    stride_vb, stride_vh, stride_vn, stride_vk,
+    stride_biasb, stride_biash, stride_biasm, stride_biasn,
+    stride_sb, stride_sh,
+    stride_dob, stride_doh, stride_dom, stride_dok,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkk,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvk,
+    heads, group, seqlen_q, seqlen_k, diag_offset, window_left, window_right,
+    sm_scale, softcap, seed, dropout_p,
+    seqlen_bucket,  # autotune key only
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    BIAS_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    kvh = tl.program_id(1)
+    b = tl.program_id(2)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    K += b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
+    V += b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
+    k = _load_tile(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kk,
+                   offs_n, seqlen_k, offs_d, D, True, D != BLOCK_D)  # (BLOCK_N, BLOCK_D)
+    v = _load_tile(V + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vk,
+                   offs_n, seqlen_k, offs_dv, DV, True, DV != BLOCK_DV)  # (BLOCK_N, BLOCK_DV)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    lo, full_lo, full_hi, hi = _query_ranges(n0, seqlen_q, seqlen_k, diag_offset, window_left,
+                                             window_right, BLOCK_M, BLOCK_N)
+    for g in range(0, group):
+        h = kvh * group + g
+        bh = b * heads + h
+        Qh = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        dOh = dO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+        Lse2h = Lse2 + bh.to(tl.int64) * seqlen_q
+        Deltah = Delta + bh.to(tl.int64) * seqlen_q
+        Biash = Bias + b.to(tl.int64) * stride_biasb + h.to(tl.int64) * stride_biash
+        slope = 0.0
+        if HAS_ALIBI:
+            slope = tl.load(Slopes + b * stride_sb + h * stride_sh).to(tl.float32)
+        dk, dv = _attention_bwd_dkdv_inner(
+            dk, dv, k, v, Qh, dOh, stride_qm, stride_qk, stride_dom, stride_dok, Lse2h, Deltah, Biash,
+            stride_biasm, stride_biasn, offs_n, offs_d, offs_dv, lo, full_lo, seqlen_q, seqlen_k,
+            diag_offset, window_left, window_right, sm_scale, softcap, slope, seed, bh, dropout_p,
+            D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, True, HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND, HAS_DROPOUT,
+            DOT_PRECISION)
+        dk, dv = _attention_bwd_dkdv_inner(
+            dk, dv, k, v, Qh, dOh, stride_qm, stride_qk, stride_dom, stride_dok, Lse2h, Deltah, Biash,
+            stride_biasm, stride_biasn, offs_n, offs_d, offs_dv, full_lo, full_hi, seqlen_q, seqlen_k,
+            diag_offset, window_left, window_right, sm_scale, softcap, slope, seed, bh, dropout_p,
+            D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, False, HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND, HAS_DROPOUT,
+            DOT_PRECISION)
+        dk, dv = _attention_bwd_dkdv_inner(
+            dk, dv, k, v, Qh, dOh, stride_qm, stride_qk, stride_dom, stride_dok, Lse2h, Deltah, Biash,
+            stride_biasm, stride_biasn, offs_n, offs_d, offs_dv, full_hi, hi, seqlen_q, seqlen_k,
+            diag_offset, window_left, window_right, sm_scale, softcap, slope, seed, bh, dropout_p,
+            D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, True, HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND, HAS_DROPOUT,
+            DOT_PRECISION)
+    dk *= sm_scale
+    dK += b.to(tl.int64) * stride_dkb + kvh.to(tl.int64) * stride_dkh
+    dV += b.to(tl.int64) * stride_dvb + kvh.to(tl.int64) * stride_dvh
+    rows = offs_n[:, None] < seqlen_k
+    tl.store(dK + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkk, dk.to(dK.dtype.element_ty),
+             mask=rows & (offs_d[None, :] < D))
+    tl.store(dV + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvk, dv.to(dV.dtype.element_ty),
+             mask=rows & (offs_dv[None, :] < DV))
+
+
+@triton.jit
+def _attention_bwd_dq_inner(
+    dq,                        # (BLOCK_M, BLOCK_D) fp32 accumulator
+    q, do,                     # (BLOCK_M, BLOCK_D), (BLOCK_M, BLOCK_DV) tiles
+    lse2, delta,               # (BLOCK_M,) fp32
+    K, V,                      # k[b, kv_head], v[b, kv_head] base pointers
+    stride_kn, stride_kk, stride_vn, stride_vk,
+    Bias, stride_bm, stride_bn,
+    offs_m, offs_d, offs_dv,
+    start_n, end_n,
+    seqlen_q, seqlen_k, diag_offset, window_left, window_right,
+    sm_scale, softcap, slope, seed, bh, dropout_p,
+    D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    BIAS_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    for start in range(start_n, end_n, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        k_t = _load_tile(K + offs_d[:, None] * stride_kk + offs_n[None, :] * stride_kn,
+                         offs_d, D, offs_n, seqlen_k, D != BLOCK_D, MASKED)  # (BLOCK_D, BLOCK_N)
+        v_t = _load_tile(V + offs_dv[:, None] * stride_vk + offs_n[None, :] * stride_vn,
+                         offs_dv, DV, offs_n, seqlen_k, DV != BLOCK_DV, MASKED)  # (BLOCK_DV, BLOCK_N)
+        qk = tl.dot(q, k_t, input_precision=DOT_PRECISION)
+        x, t = _scores(qk, offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, diag_offset,
+                       window_left, window_right, sm_scale, softcap, slope, Bias, stride_bm,
+                       stride_bn, MASKED, HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND)
+        p = tl.math.exp2(x - lse2[:, None])
+        dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], dropout_p)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _attention_bwd_dq_kernel(
+    Q,             # (batch, heads, seqlen_q, D)
+    K,             # (batch, kv_heads, seqlen_k, D)
+    V,             # (batch, kv_heads, seqlen_k, DV)
+    Bias,          # as in the forward
+    Slopes,        # as in the forward
+    dO,            # (batch, heads, seqlen_q, DV) output gradient
+    Lse2,          # (batch * heads, seqlen_q) fp32 from the preprocess
+    Delta,         # (batch * heads, seqlen_q) fp32 from the preprocess
+    dQ,            # (batch, heads, seqlen_q, D) output
+    stride_qb, stride_qh, stride_qm, stride_qk,
+    stride_kb, stride_kh, stride_kn, stride_kk,
+    stride_vb, stride_vh, stride_vn, stride_vk,
+    stride_biasb, stride_biash, stride_biasm, stride_biasn,
+    stride_sb, stride_sh,
+    stride_dob, stride_doh, stride_dom, stride_dok,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqk,
+    heads, group, seqlen_q, seqlen_k, diag_offset, window_left, window_right,
+    sm_scale, softcap, seed, dropout_p,
+    seqlen_bucket,  # autotune key only
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    BIAS_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    kvh = h // group
+    bh = b * heads + h
+    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    dO += b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+    K += b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
+    V += b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
+    Bias += b.to(tl.int64) * stride_biasb + h.to(tl.int64) * stride_biash
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Slopes + b * stride_sb + h * stride_sh).to(tl.float32)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = _load_tile(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk,
+                   offs_m, seqlen_q, offs_d, D, True, D != BLOCK_D)
+    do = _load_tile(dO + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dok,
+                    offs_m, seqlen_q, offs_dv, DV, True, DV != BLOCK_DV)
+    in_bounds = offs_m < seqlen_q
+    lse2 = tl.load(Lse2 + bh.to(tl.int64) * seqlen_q + offs_m, mask=in_bounds, other=float("inf"))
+    delta = tl.load(Delta + bh.to(tl.int64) * seqlen_q + offs_m, mask=in_bounds, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo, full_lo, full_hi, hi = _key_ranges(m0, seqlen_k, diag_offset, window_left, window_right,
+                                           BLOCK_M, BLOCK_N)
+    dq = _attention_bwd_dq_inner(
+        dq, q, do, lse2, delta, K, V, stride_kn, stride_kk, stride_vn, stride_vk, Bias, stride_biasm,
+        stride_biasn, offs_m, offs_d, offs_dv, lo, full_lo, seqlen_q, seqlen_k, diag_offset,
+        window_left, window_right, sm_scale, softcap, slope, seed, bh, dropout_p, D, DV, BLOCK_N,
+        BLOCK_D, BLOCK_DV, True, HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND, HAS_DROPOUT, DOT_PRECISION)
+    dq = _attention_bwd_dq_inner(
+        dq, q, do, lse2, delta, K, V, stride_kn, stride_kk, stride_vn, stride_vk, Bias, stride_biasm,
+        stride_biasn, offs_m, offs_d, offs_dv, full_lo, full_hi, seqlen_q, seqlen_k, diag_offset,
+        window_left, window_right, sm_scale, softcap, slope, seed, bh, dropout_p, D, DV, BLOCK_N,
+        BLOCK_D, BLOCK_DV, False, HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND, HAS_DROPOUT, DOT_PRECISION)
+    dq = _attention_bwd_dq_inner(
+        dq, q, do, lse2, delta, K, V, stride_kn, stride_kk, stride_vn, stride_vk, Bias, stride_biasm,
+        stride_biasn, offs_m, offs_d, offs_dv, full_hi, hi, seqlen_q, seqlen_k, diag_offset,
+        window_left, window_right, sm_scale, softcap, slope, seed, bh, dropout_p, D, DV, BLOCK_N,
+        BLOCK_D, BLOCK_DV, True, HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND, HAS_DROPOUT, DOT_PRECISION)
+    dq *= sm_scale
+    dQ += b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
+    tl.store(dQ + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqk, dq.to(dQ.dtype.element_ty),
+             mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _attention_bwd_dbias_kernel(
+    Q,             # (batch, heads, seqlen_q, D)
+    K,             # (batch, kv_heads, seqlen_k, D)
+    V,             # (batch, kv_heads, seqlen_k, DV)
+    Bias,          # float bias (batch|1, heads|1, seqlen_q|1, seqlen_k|1), 0 strides on size-1 dims
+    Slopes,        # as in the forward
+    dO,            # (batch, heads, seqlen_q, DV) output gradient
+    Lse2,          # (batch * heads, seqlen_q) fp32 from the preprocess
+    Delta,         # (batch * heads, seqlen_q) fp32 from the preprocess
+    dBias,         # output, the shape of Bias: dX summed over the dims where Bias has size 1
+    stride_qb, stride_qh, stride_qm, stride_qk,
+    stride_kb, stride_kh, stride_kn, stride_kk,
+    stride_vb, stride_vh, stride_vn, stride_vk,
+    stride_biasb, stride_biash, stride_biasm, stride_biasn,
+    stride_sb, stride_sh,
+    stride_dob, stride_doh, stride_dom, stride_dok,
+    stride_dbb, stride_dbh, stride_dbm, stride_dbn,
+    batch, heads, group, seqlen_q, seqlen_k, diag_offset, window_left, window_right,
+    sm_scale, softcap, seed, dropout_p,
+    tiles_n,       # key tiles per program row (1 if SUM_N)
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    SUM_B: tl.constexpr,       # Bias has batch 1: sum over batches
+    SUM_H: tl.constexpr,       # Bias has heads 1: sum over heads
+    SUM_M: tl.constexpr,       # Bias has seqlen_q 1: sum over queries
+    SUM_N: tl.constexpr,       # Bias has seqlen_k 1: sum over keys
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    pid_b = tl.program_id(2)
+    tile_m = pid // tiles_n
+    tile_n = pid % tiles_n
+    b_lo, b_hi = pid_b, pid_b + 1
+    if SUM_B:
+        b_lo, b_hi = 0, batch
+    h_lo, h_hi = pid_h, pid_h + 1
+    if SUM_H:
+        h_lo, h_hi = 0, heads
+    m_lo, m_hi = tile_m, tile_m + 1
+    if SUM_M:
+        m_lo, m_hi = 0, tl.cdiv(seqlen_q, BLOCK_M)
+    n_lo, n_hi = tile_n, tile_n + 1
+    if SUM_N:
+        n_lo, n_hi = 0, tl.cdiv(seqlen_k, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for b_it in range(b_lo, b_hi):
+        b = tl.cast(b_it, tl.int64)
+        for h_it in range(h_lo, h_hi):
+            h = tl.cast(h_it, tl.int64)
+            kvh = h // group
+            bh = b * heads + h
+            Qh = Q + b * stride_qb + h * stride_qh
+            dOh = dO + b * stride_dob + h * stride_doh
+            Kh = K + b * stride_kb + kvh * stride_kh
+            Vh = V + b * stride_vb + kvh * stride_vh
+            Biash = Bias + b * stride_biasb + h * stride_biash
+            slope = 0.0
+            if HAS_ALIBI:
+                slope = tl.load(Slopes + b * stride_sb + h * stride_sh).to(tl.float32)
+            for tm in range(m_lo, m_hi):
+                offs_m = tm * BLOCK_M + tl.arange(0, BLOCK_M)
+                q = _load_tile(Qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk,
+                               offs_m, seqlen_q, offs_d, D, True, D != BLOCK_D)
+                do = _load_tile(dOh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dok,
+                                offs_m, seqlen_q, offs_dv, DV, True, DV != BLOCK_DV)
+                in_bounds = offs_m < seqlen_q
+                lse2 = tl.load(Lse2 + bh * seqlen_q + offs_m, mask=in_bounds, other=float("inf"))
+                delta = tl.load(Delta + bh * seqlen_q + offs_m, mask=in_bounds, other=0.0)
+                for tn in range(n_lo, n_hi):
+                    offs_n = tn * BLOCK_N + tl.arange(0, BLOCK_N)
+                    k_t = _load_tile(Kh + offs_d[:, None] * stride_kk + offs_n[None, :] * stride_kn,
+                                     offs_d, D, offs_n, seqlen_k, D != BLOCK_D, True)
+                    v_t = _load_tile(Vh + offs_dv[:, None] * stride_vk + offs_n[None, :] * stride_vn,
+                                     offs_dv, DV, offs_n, seqlen_k, DV != BLOCK_DV, True)
+                    qk = tl.dot(q, k_t, input_precision=DOT_PRECISION)
+                    x, _ = _scores(qk, offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, diag_offset,
+                                   window_left, window_right, sm_scale, softcap, slope, Biash,
+                                   stride_biasm, stride_biasn, True, HAS_SOFTCAP, HAS_ALIBI, 1)
+                    p = tl.math.exp2(x - lse2[:, None])
+                    dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
+                    if HAS_DROPOUT:
+                        keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], dropout_p)
+                        dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+                    acc += p * (dp - delta[:, None])
+    dBias += pid_b.to(tl.int64) * stride_dbb + pid_h.to(tl.int64) * stride_dbh
+    offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if SUM_M:
+        if SUM_N:
+            tl.store(dBias, tl.sum(tl.sum(acc, 1), 0).to(dBias.dtype.element_ty))
+        else:
+            tl.store(dBias + offs_n * stride_dbn, tl.sum(acc, 0).to(dBias.dtype.element_ty),
+                     mask=offs_n < seqlen_k)
+    else:
+        if SUM_N:
+            tl.store(dBias + offs_m * stride_dbm, tl.sum(acc, 1).to(dBias.dtype.element_ty),
+                     mask=offs_m < seqlen_q)
+        else:
+            tl.store(dBias + offs_m[:, None] * stride_dbm + offs_n[None, :] * stride_dbn,
+                     acc.to(dBias.dtype.element_ty),
+                     mask=(offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k))
+
+
+@triton.jit
+def _attention_dropout_mask_kernel(
+    Keep,          # (batch, heads, seqlen_q, seqlen_k) uint8 output, contiguous
+    heads,
+    seqlen_q,
+    seqlen_k,
+    seed,
+    dropout_p,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """The forward's keep-mask, materialised (for tests)."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    bh = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], dropout_p)
+    ptrs = Keep + bh.to(tl.int64) * seqlen_q * seqlen_k + offs_m[:, None] * seqlen_k + offs_n[None, :]
+    tl.store(ptrs, keep.to(tl.uint8), mask=(offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k))
+
+
+# ----------------------------------------------------------------------------- launchers
+
+_KERNELS = {"fwd": _attention_fwd_kernel, "dkdv": _attention_bwd_dkdv_kernel, "dq": _attention_bwd_dq_kernel}
+_TUNED: dict = {}
+
+
+def _kernel_and_config(kind: str):
+    """(kernel, launch config): the plain kernel with the pinned / interpreter config,
+    or the autotuned kernel and no config."""
+    pinned = _config.attention_pinned_config()
+    if pinned is not None:
+        return _KERNELS[kind], pinned
+    if kind not in _TUNED:
+        _TUNED[kind] = triton.autotune(
+            configs=_config.attention_configs(kind),
+            key=list(_config.ATTENTION_TUNE_KEY),
+            prune_configs_by={"early_config_prune": _config.attention_prune(kind)},
+        )(_KERNELS[kind])
+    return _TUNED[kind], {}
+
+
+def _fixed_config() -> dict:
+    """Launch config of the untuned kernels (backward preprocess, dbias)."""
+    return _config.attention_pinned_config() or dict(_config.ATTENTION_DEFAULT)
+
+
+def _strides_or_zero(t: torch.Tensor) -> list[int]:
+    """Strides with 0 on size-1 dims (how a broadcast operand is walked)."""
+    return [0 if size == 1 else stride for size, stride in zip(t.shape, t.stride())]
+
+
+def _common_args(q, k, v, attn_bias, alibi_slopes, rng_seed, scale, window_left, window_right,
+                 top_left, softcap, dropout_p) -> dict:
+    """The kernel arguments the forward and backward kernels share."""
+    batch, heads, seqlen_q, head_dim = q.shape
+    kv_heads, seqlen_k, head_dim_v = k.shape[1], k.shape[2], v.shape[-1]
+    unbounded = seqlen_q + seqlen_k  # a window at least this wide constrains nothing
+    if attn_bias is None:
+        bias, bias_kind, bias_strides = q, _NO_BIAS, [0, 0, 0, 0]
+    elif attn_bias.dtype == torch.bool:
+        bias, bias_kind, bias_strides = attn_bias.view(torch.uint8), _BOOL_MASK, _strides_or_zero(attn_bias)
+    else:
+        bias, bias_kind, bias_strides = attn_bias, _FLOAT_BIAS, _strides_or_zero(attn_bias)
+    if alibi_slopes is None:
+        slopes, slope_strides = q, [0, 0]
+    elif alibi_slopes.dim() == 1:
+        slopes, slope_strides = alibi_slopes, [0, alibi_slopes.stride(0)]
+    else:
+        slopes, slope_strides = alibi_slopes, _strides_or_zero(alibi_slopes)
+    return dict(
+        Q=q, K=k, V=v, Bias=bias, Slopes=slopes,
+        stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qm=q.stride(2), stride_qk=q.stride(3),
+        stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2), stride_kk=k.stride(3),
+        stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2), stride_vk=v.stride(3),
+        stride_biasb=bias_strides[0], stride_biash=bias_strides[1], stride_biasm=bias_strides[2],
+        stride_biasn=bias_strides[3], stride_sb=slope_strides[0], stride_sh=slope_strides[1],
+        heads=heads, group=heads // kv_heads, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
+        diag_offset=0 if top_left else seqlen_k - seqlen_q,
+        window_left=unbounded if window_left < 0 else min(window_left, unbounded),
+        window_right=unbounded if window_right < 0 else min(window_right, unbounded),
+        sm_scale=float(scale), softcap=float(softcap),
+        seed=int(rng_seed.item()) if dropout_p > 0 else 0, dropout_p=float(dropout_p),
+        D=head_dim, DV=head_dim_v,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_DV=max(16, triton.next_power_of_2(head_dim_v)),
+        HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, BIAS_KIND=bias_kind,
+        HAS_DROPOUT=dropout_p > 0, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+
+
+def _tune_args(args: dict, window_left: int, window_right: int) -> dict:
+    return dict(seqlen_bucket=_config.attention_seqlen_bucket(args["seqlen_q"], args["seqlen_k"]),
+                IS_CAUSAL=window_left < 0 and window_right == 0)
+
+
+def attention_forward(q, k, v, attn_bias, alibi_slopes, rng_seed, scale, window_left, window_right,
+                      top_left, softcap, dropout_p):
+    """out (batch, heads, seqlen_q, head_dim_v) and lse (batch, heads, seqlen_q) fp32.
+
+    q (batch, heads, seqlen_q, head_dim), k/v (batch, kv_heads, seqlen_k, head_dim[_v]),
+    any strides; attn_bias 4-D broadcastable to (batch, heads, seqlen_q, seqlen_k);
+    alibi_slopes (heads,) or (batch, heads); rng_seed a (1,) int64 tensor when dropout_p > 0.
+    """
+    batch, heads, seqlen_q, _ = q.shape
+    out = q.new_empty(batch, heads, seqlen_q, v.shape[-1])
+    lse = q.new_empty(batch, heads, seqlen_q, dtype=torch.float32)
+    if out.numel() == 0 or k.shape[2] == 0:
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return out, lse
+    args = _common_args(q, k, v, attn_bias, alibi_slopes, rng_seed, scale, window_left, window_right,
+                        top_left, softcap, dropout_p)
+    kernel, config = _kernel_and_config("fwd")
+    grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), heads, batch)  # noqa: E731
+    kernel[grid](
+        Out=out, Lse=lse,
+        stride_ob=out.stride(0), stride_oh=out.stride(1), stride_om=out.stride(2), stride_ok=out.stride(3),
+        stride_lb=lse.stride(0), stride_lh=lse.stride(1), stride_lm=lse.stride(2),
+        **args, **_tune_args(args, window_left, window_right), **config,
+    )
+    return out, lse
+
+
+def attention_backward(dout, dlse, q, k, v, out, lse, attn_bias, alibi_slopes, rng_seed, scale,
+                       window_left, window_right, top_left, softcap, dropout_p, bias_needs_grad):
+    """(dq, dk, dv, dbias) shaped like (q, k, v, attn_bias); dbias is a 0-element
+    placeholder unless bias_needs_grad. dlse (batch, heads, seqlen_q) or None."""
+    batch, heads, seqlen_q, _ = q.shape
+    kv_heads, seqlen_k = k.shape[1], k.shape[2]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dbias = torch.empty_like(attn_bias) if bias_needs_grad else q.new_empty(0)
+    if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
+        for grad in (dq, dk, dv, dbias):
+            grad.zero_()
+        return dq, dk, dv, dbias
+    dout = dout.to(q.dtype)
+    args = _common_args(q, k, v, attn_bias, alibi_slopes, rng_seed, scale, window_left, window_right,
+                        top_left, softcap, dropout_p)
+    grad_strides = dict(stride_dob=dout.stride(0), stride_doh=dout.stride(1), stride_dom=dout.stride(2),
+                        stride_dok=dout.stride(3))
+
+    delta = torch.empty(batch * heads, seqlen_q, dtype=torch.float32, device=q.device)
+    lse2 = torch.empty_like(delta)
+    fixed = _fixed_config()
+    has_dlse = dlse is not None
+    dlse_strides = dlse.stride() if has_dlse else (0, 0, 0)
+    _attention_bwd_preprocess_kernel[(triton.cdiv(seqlen_q, fixed["BLOCK_M"]), heads, batch)](
+        Out=out, dOut=dout, Lse=lse, dLse=dlse if has_dlse else lse, Delta=delta, Lse2=lse2,
+        stride_ob=out.stride(0), stride_oh=out.stride(1), stride_om=out.stride(2), stride_ok=out.stride(3),
+        **grad_strides,
+        stride_lb=lse.stride(0), stride_lh=lse.stride(1), stride_lm=lse.stride(2),
+        stride_dlb=dlse_strides[0], stride_dlh=dlse_strides[1], stride_dlm=dlse_strides[2],
+        heads=heads, seqlen_q=seqlen_q, DV=args["DV"], BLOCK_DV=args["BLOCK_DV"], HAS_DLSE=has_dlse,
+        BLOCK_M=fixed["BLOCK_M"], num_warps=fixed["num_warps"],
+    )
+
+    tune = _tune_args(args, window_left, window_right)
+    kernel, config = _kernel_and_config("dkdv")
+    grid = lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), kv_heads, batch)  # noqa: E731
+    kernel[grid](
+        dO=dout, Lse2=lse2, Delta=delta, dK=dk, dV=dv, **grad_strides,
+        stride_dkb=dk.stride(0), stride_dkh=dk.stride(1), stride_dkn=dk.stride(2), stride_dkk=dk.stride(3),
+        stride_dvb=dv.stride(0), stride_dvh=dv.stride(1), stride_dvn=dv.stride(2), stride_dvk=dv.stride(3),
+        **args, **tune, **config,
+    )
+    kernel, config = _kernel_and_config("dq")
+    grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), heads, batch)  # noqa: E731
+    kernel[grid](
+        dO=dout, Lse2=lse2, Delta=delta, dQ=dq, **grad_strides,
+        stride_dqb=dq.stride(0), stride_dqh=dq.stride(1), stride_dqm=dq.stride(2), stride_dqk=dq.stride(3),
+        **args, **tune, **config,
+    )
+    if bias_needs_grad:
+        _dbias(dbias, dout, lse2, delta, args, attn_bias, grad_strides, fixed)
+    return dq, dk, dv, dbias
+
+
+def _dbias(dbias, dout, lse2, delta, args, attn_bias, grad_strides, fixed):
+    """dbias = dX summed over the broadcast dims of attn_bias, one program per output tile."""
+    sum_b, sum_h, sum_m, sum_n = (size == 1 for size in attn_bias.shape)
+    block_m, block_n = fixed["BLOCK_M"], fixed["BLOCK_N"]
+    tiles_m = 1 if sum_m else triton.cdiv(args["seqlen_q"], block_m)
+    tiles_n = 1 if sum_n else triton.cdiv(args["seqlen_k"], block_n)
+    batch = args["Q"].shape[0]
+    exclude = ("seqlen_bucket", "IS_CAUSAL", "BIAS_KIND")
+    _attention_bwd_dbias_kernel[(tiles_m * tiles_n, attn_bias.shape[1], attn_bias.shape[0])](
+        dO=dout, Lse2=lse2, Delta=delta, dBias=dbias, **grad_strides,
+        stride_dbb=dbias.stride(0), stride_dbh=dbias.stride(1), stride_dbm=dbias.stride(2),
+        stride_dbn=dbias.stride(3), batch=batch, tiles_n=tiles_n,
+        **{name: value for name, value in args.items() if name not in exclude},
+        SUM_B=sum_b, SUM_H=sum_h, SUM_M=sum_m, SUM_N=sum_n, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=fixed["num_warps"], num_stages=fixed["num_stages"],
+    )
+
+
+def dropout_keep_mask(batch: int, heads: int, seqlen_q: int, seqlen_k: int, dropout_p: float,
+                      rng_seed: torch.Tensor, device) -> torch.Tensor:
+    """The keep-mask (batch, heads, seqlen_q, seqlen_k) bool, True = kept, that the kernels
+    draw for `rng_seed` (a (1,) int64 tensor), for comparing with
+    reference.attention(dropout_mask=...)."""
+    keep = torch.empty(batch, heads, seqlen_q, seqlen_k, dtype=torch.uint8, device=device)
+    if keep.numel() == 0:
+        return keep.bool()
+    block = 32
+    grid = (triton.cdiv(seqlen_k, block), triton.cdiv(seqlen_q, block), batch * heads)
+    _attention_dropout_mask_kernel[grid](keep, heads, seqlen_q, seqlen_k, int(rng_seed.item()),
+                                         float(dropout_p), BLOCK_M=block, BLOCK_N=block)
+    return keep.bool()
