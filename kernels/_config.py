@@ -16,6 +16,118 @@ import triton
 
 
 # ============================================================================
+# layer_norm / rms_norm (kernels/layer_norm.py; one kernel pair and one space for both)
+# ============================================================================
+#
+# A row of up to LAYER_NORM_MAX_FUSED_{FWD,BWD} elements is held in registers (one tile,
+# BLOCK_N = next power of 2 >= hidden); a wider row is walked in LAYER_NORM_LOOP_BLOCK_N
+# chunks. The tuned parameters are ROWS (rows per tile) and num_warps, keyed on hidden.
+# FASTATTN_LAYER_NORM_CONFIG pins one config for both ops, e.g.
+#     FASTATTN_LAYER_NORM_CONFIG="BLOCK_N=256,ROWS=4,num_warps=4"
+# where BLOCK_N caps the tile width (rows wider than it take the looped path); keys left
+# out take their defaults. Under the Triton interpreter the default config is used
+# without tuning.
+
+LAYER_NORM_CONFIG_ENV = "FASTATTN_LAYER_NORM_CONFIG"
+LAYER_NORM_MAX_FUSED_FWD = 16384  # widest row kept in registers by the forward (elements)
+LAYER_NORM_MAX_FUSED_BWD = 8192  # the backward holds s, dy, g, x̂ and the dw/db sums per element
+LAYER_NORM_LOOP_BLOCK_N = 4096  # chunk width of the looped path
+LAYER_NORM_MIN_TILE = 2048  # elements per tile worth a program (when hidden allows)
+LAYER_NORM_MAX_TILE = {False: 16384, True: 8192}  # by backward
+LAYER_NORM_ELEMENTS_PER_THREAD = {False: (4, 32), True: (4, 16)}  # allowed range, by backward
+LAYER_NORM_BWD_PROGRAMS_PER_SM = 1  # persistent backward grid
+LAYER_NORM_INTERPRETER_BWD_PROGRAMS = 3  # persistent backward grid under the interpreter
+LAYER_NORM_INTERPRETER_TILE = 8192  # elements per program under the interpreter (fewer, bigger programs)
+_LAYER_NORM_ROWS = (1, 2, 4, 8, 16, 32, 64, 128)
+_LAYER_NORM_WARPS = (1, 2, 4, 8, 16)
+_LAYER_NORM_KEYS = ("BLOCK_N", "ROWS", "num_warps", "num_stages")
+
+
+def layer_norm_block_n(hidden: int, backward: bool) -> int:
+    """Tile width: the whole row when it fits in registers, else the looped chunk."""
+    limit = LAYER_NORM_MAX_FUSED_BWD if backward else LAYER_NORM_MAX_FUSED_FWD
+    return triton.next_power_of_2(hidden) if hidden <= limit else LAYER_NORM_LOOP_BLOCK_N
+
+
+def layer_norm_keep(rows: int, num_warps: int, block_n: int, single_pass: bool, backward: bool) -> bool:
+    """Whether (ROWS, num_warps) is worth trying for tiles BLOCK_N wide."""
+    tile = rows * block_n
+    if not single_pass and rows > 4:
+        return False
+    max_tile = LAYER_NORM_MAX_TILE[backward]
+    if tile > max(max_tile, block_n):
+        return False
+    widest = max(r for r in _LAYER_NORM_ROWS if r * block_n <= max(max_tile, block_n))
+    if tile < min(LAYER_NORM_MIN_TILE, widest * block_n):
+        return False
+    low, high = LAYER_NORM_ELEMENTS_PER_THREAD[backward]
+    per_thread = tile // (32 * num_warps)
+    return (per_thread >= low or num_warps == 1) and (per_thread <= high or num_warps == _LAYER_NORM_WARPS[-1])
+
+
+def layer_norm_configs() -> list:
+    """The whole space; layer_norm_prune keeps the part that fits a call's BLOCK_N."""
+    return [triton.Config({"ROWS": rows}, num_warps=warps)
+            for rows, warps in itertools.product(_LAYER_NORM_ROWS, _LAYER_NORM_WARPS)]
+
+
+def layer_norm_prune(backward: bool):
+    """early_config_prune for the forward (backward=False) or backward kernel."""
+
+    def prune(configs, named_args, **kwargs):
+        block_n, single_pass = kwargs["BLOCK_N"], kwargs["SINGLE_PASS"]
+        kept = [c for c in configs
+                if layer_norm_keep(c.kwargs["ROWS"], c.num_warps, block_n, single_pass, backward)]
+        return kept or [triton.Config(layer_norm_default(block_n, single_pass, backward))]
+
+    return prune
+
+
+def layer_norm_default(block_n: int, single_pass: bool, backward: bool) -> dict:
+    """The config used without tuning (interpreter, or keys a pinned config leaves out)."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        rows = max(1, min(_LAYER_NORM_ROWS[-1], LAYER_NORM_INTERPRETER_TILE // block_n))
+        return {"ROWS": rows if single_pass else 1, "num_warps": 4}
+    max_tile = LAYER_NORM_MAX_TILE[backward]
+    rows = max(1, min(_LAYER_NORM_ROWS[-1], LAYER_NORM_MIN_TILE // block_n if single_pass else 1))
+    warps = min(_LAYER_NORM_WARPS[-1], max(1, rows * block_n // (32 * 8)))
+    return {"ROWS": rows if rows * block_n <= max(max_tile, block_n) else 1, "num_warps": warps}
+
+
+def layer_norm_pinned() -> Optional[dict]:
+    """The config pinned by FASTATTN_LAYER_NORM_CONFIG, or None."""
+    text = os.environ.get(LAYER_NORM_CONFIG_ENV, "").strip()
+    if not text:
+        return None
+    pinned = {}
+    for item in text.split(","):
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or key not in _LAYER_NORM_KEYS or not value.isdigit() or int(value) < 1:
+            raise ValueError(f"{LAYER_NORM_CONFIG_ENV} must be comma-separated KEY=positive int with KEY in "
+                             f"{', '.join(_LAYER_NORM_KEYS)}; got {text!r}")
+        pinned[key] = int(value)
+    for key in ("BLOCK_N", "ROWS"):
+        if key in pinned and pinned[key] & (pinned[key] - 1):
+            raise ValueError(f"{LAYER_NORM_CONFIG_ENV}: {key} must be a power of 2; got {pinned[key]}")
+    return pinned
+
+
+def layer_norm_launch_config(hidden: int, backward: bool) -> tuple[int, Optional[dict]]:
+    """(BLOCK_N, config) for one launch: config is the pinned or interpreter config
+    (ROWS, num_warps, ...), or None to autotune."""
+    pinned = layer_norm_pinned()
+    block_n = layer_norm_block_n(hidden, backward)
+    if pinned is not None and "BLOCK_N" in pinned:
+        block_n = min(triton.next_power_of_2(hidden), pinned["BLOCK_N"])
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if pinned is None and not interpreted:
+        return block_n, None
+    config = layer_norm_default(block_n, block_n >= hidden, backward)
+    config.update({k: v for k, v in (pinned or {}).items() if k != "BLOCK_N"})
+    return block_n, config
+
+
+# ============================================================================
 # ffn / gated_ffn (kernels/ffn.py; one space for all of its GEMM kernels)
 # ============================================================================
 #

@@ -33,7 +33,13 @@ class NormCall:
     has_residual: bool
 
 
-def no_limits(backend: str, call: NormCall) -> Optional[str]:
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def norm_limits(backend: str, call: NormCall) -> Optional[str]:
+    """The calls a backend of layer_norm / rms_norm cannot serve (any hidden size is fine)."""
+    if backend == "triton" and call.dtype not in TRITON_DTYPES:
+        return f"the triton norm kernels take float16, bfloat16 or float32 x, got {str(call.dtype)[6:]}"
     return None
 
 
@@ -77,11 +83,24 @@ def _reference_backward(dy, dresidual_out, summed, weight, bias, mean, rstd, eps
     return finish_norm_grads(ds, dresidual_out, summed, dweight, dbias)
 
 
+def _triton_forward(x, weight, bias, residual, eps, residual_in_fp32):
+    from fastattn.kernels import layer_norm as kernels
+
+    return kernels.layer_norm_forward(x, weight, bias, residual, eps, residual_in_fp32)
+
+
+def _triton_backward(dy, dresidual_out, summed, weight, bias, mean, rstd, eps):
+    from fastattn.kernels import layer_norm as kernels
+
+    dresidual_out = None if is_placeholder(dresidual_out) else dresidual_out
+    return kernels.layer_norm_backward(dy, dresidual_out, summed, weight, bias, mean, rstd)
+
+
 BACKENDS = BackendTable(
     "layer_norm",
-    forward={"naive": _naive_forward, "torch": _torch_forward},
-    backward={"naive": _reference_backward, "torch": _reference_backward},
-    limits=no_limits,
+    forward={"naive": _naive_forward, "torch": _torch_forward, "triton": _triton_forward},
+    backward={"naive": _reference_backward, "torch": _reference_backward, "triton": _triton_backward},
+    limits=norm_limits,
 )
 
 

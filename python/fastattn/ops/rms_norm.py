@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
-from ._common import BackendTable, empty_placeholder
+from ._common import BackendTable, empty_placeholder, is_placeholder
 from .layer_norm import (
     NormCall,
-    no_limits,
+    norm_limits,
     add_residual,
     check_norm_args,
     fake_residual_out,
@@ -53,11 +53,28 @@ def _reference_backward(dy, dresidual_out, summed, weight, rstd, eps):
     return finish_norm_grads(ds, dresidual_out, summed, dweight)
 
 
+def _triton_forward(x, weight, residual, eps, residual_in_fp32):
+    from fastattn.kernels import layer_norm as kernels
+
+    y, residual_out, _, rstd = kernels.layer_norm_forward(x, weight, None, residual, eps, residual_in_fp32,
+                                                          is_rms_norm=True)
+    return y, residual_out, rstd
+
+
+def _triton_backward(dy, dresidual_out, summed, weight, rstd, eps):
+    from fastattn.kernels import layer_norm as kernels
+
+    dresidual_out = None if is_placeholder(dresidual_out) else dresidual_out
+    ds, dweight, _ = kernels.layer_norm_backward(dy, dresidual_out, summed, weight, None, rstd, rstd,
+                                                 is_rms_norm=True)
+    return ds, dweight
+
+
 BACKENDS = BackendTable(
     "rms_norm",
-    forward={"naive": _naive_forward, "torch": _torch_forward},
-    backward={"naive": _reference_backward, "torch": _reference_backward},
-    limits=no_limits,
+    forward={"naive": _naive_forward, "torch": _torch_forward, "triton": _triton_forward},
+    backward={"naive": _reference_backward, "torch": _reference_backward, "triton": _triton_backward},
+    limits=norm_limits,
 )
 
 
