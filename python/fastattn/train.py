@@ -530,7 +530,8 @@ def _train(args: argparse.Namespace, info: Dist, device: torch.device) -> TrainR
             result.losses.append(step_loss)
             result.step = step + 1
             window_steps += 1
-            if (step + 1) % args.log_interval == 0 or step + 1 == args.max_steps:
+            evaluating = (step + 1) % args.eval_interval == 0 or step + 1 == args.max_steps
+            if (step + 1) % args.log_interval == 0 or evaluating:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 now = time.perf_counter()
@@ -538,7 +539,7 @@ def _train(args: argparse.Namespace, info: Dist, device: torch.device) -> TrainR
                 window_start, window_steps = now, 0
                 result.tokens_per_second = tokens_per_s
             progress.step(step, step_loss, tokens_per_s, lr)
-            if (step + 1) % args.eval_interval == 0 or step + 1 == args.max_steps:
+            if evaluating:
                 eval_loss = evaluate(model, splits, args, seq_len, device, amp)
                 result.eval_losses[step + 1] = eval_loss
                 train_loss = all_mean(step_loss, info, device)
@@ -562,6 +563,7 @@ def _train(args: argparse.Namespace, info: Dist, device: torch.device) -> TrainR
                                    f"{tokens_per_s:,.0f} tokens/s")
                 if info.world > 1:
                     dist.barrier()
+                window_start = time.perf_counter()  # evaluation and saving are not training time
     finally:
         progress.close()
     return result

@@ -1,0 +1,193 @@
+"""The reference Transformer: presets, every backend against naive, the block formulas
+(pre-norm, post-norm through the fused residual norm), encoder padding, the KV cache."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastattn.nn as fnn
+import fastattn.ops.attention as attention_op
+import fastattn.ops.decode_attention as decode_op
+import fastattn.ops.ffn as ffn_op
+import fastattn.ops.gated_ffn as gated_ffn_op
+import fastattn.ops.layer_norm as layer_norm_op
+import fastattn.ops.rms_norm as rms_norm_op
+from fastattn.models import GPT, PRESETS, TransformerConfig
+from helpers import GRAD_FACTOR, assert_within_naive_error, backends_of
+
+TINY = TransformerConfig.from_preset("tiny")
+VARIANTS = {
+    "gpt2": TINY,
+    "llama": TINY.replace(norm="rmsnorm", mlp="swiglu", positions="rope", n_kv_heads=2, bias=False, d_ff=96),
+    "post-norm": TINY.replace(norm_position="post", positions="sinusoidal"),
+    "encoder": TINY.replace(causal=False, norm="rmsnorm"),
+}
+
+
+def variant_backends(config, *, with_decode=False):
+    """The backends that every op the model uses implements, naive excluded."""
+    tables = [
+        attention_op.BACKENDS,
+        rms_norm_op.BACKENDS if config.norm == "rmsnorm" else layer_norm_op.BACKENDS,
+        gated_ffn_op.BACKENDS if config.mlp == "swiglu" else ffn_op.BACKENDS,
+    ]
+    if with_decode:
+        tables.append(decode_op.BACKENDS)
+    names = [set(backends_of(t)) for t in tables]
+    return [b for b in backends_of(attention_op.BACKENDS) if b != "naive" and all(b in n for n in names)]
+
+
+# The Triton interpreter is slow: it runs the two variants that between them use every op.
+TRITON_VARIANTS = ("gpt2", "llama")
+
+
+def backend_cases():
+    return [pytest.param(name, backend, id=f"{name}-{backend}")
+            for name, config in VARIANTS.items() for backend in variant_backends(config)
+            if backend != "triton" or name in TRITON_VARIANTS]
+
+
+def test_preset_sizes():
+    expected = {"gpt2-small": 124.44e6, "gpt2-medium": 354.82e6, "llama-1b": 1235.81e6}
+    for name, count in expected.items():
+        with torch.device("meta"):
+            model = GPT(PRESETS[name])
+        assert abs(model.num_parameters() - count) < 0.01e6, name
+    llama = PRESETS["llama-1b"]
+    assert (llama.norm, llama.mlp, llama.positions, llama.kv_heads) == ("rmsnorm", "swiglu", "rope", 8)
+    assert GPT(TINY).num_parameters() < 200_000
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="norm must be one of"):
+        TINY.replace(norm="batchnorm")
+    with pytest.raises(ValueError, match="multiple of n_kv_heads"):
+        TINY.replace(n_kv_heads=3)
+    with pytest.raises(ValueError, match="preset must be one of"):
+        TransformerConfig.from_preset("gpt5")
+    with pytest.raises(ValueError, match="unknown TransformerConfig fields"):
+        TransformerConfig.from_dict({"d_model": 64, "width": 3})
+    assert TransformerConfig.from_dict(VARIANTS["llama"].to_dict()) == VARIANTS["llama"]
+    assert TINY.replace(mlp="swiglu").hidden_dim == 256 and TINY.hidden_dim == 256
+
+
+@pytest.mark.parametrize("variant,backend", backend_cases())
+def test_backend_matches_naive_logits_and_gradients(variant, backend):
+    """The float64 naive model is the reference; our fp32 error must stay within the
+    bounds of the naive fp32 model's (tests/helpers.py)."""
+    config = VARIANTS[variant]
+    torch.manual_seed(0)
+    reference = GPT(config, backend="naive").double()
+    naive = GPT(config, backend="naive")
+    naive.load_state_dict(reference.state_dict())
+    ours = GPT(config, backend=backend)
+    ours.load_state_dict(reference.state_dict())
+    idx = torch.randint(0, 256, (2, 12))
+    targets = torch.randint(0, 256, (2, 12))
+    mask = None
+    if not config.causal:
+        mask = torch.ones(2, 12, dtype=torch.bool)
+        mask[1, 9:] = False
+    results = {}
+    for name, model in (("reference", reference), ("naive", naive), ("ours", ours)):
+        logits, loss = model(idx, targets, attention_mask=mask)
+        loss.backward()
+        results[name] = (logits.detach(), {n: p.grad for n, p in model.named_parameters()})
+    assert_within_naive_error(results["ours"][0], results["naive"][0], results["reference"][0], what="logits")
+    for name in results["ours"][1]:
+        assert_within_naive_error(
+            results["ours"][1][name], results["naive"][1][name], results["reference"][1][name],
+            factor=GRAD_FACTOR, what=f"grad of {name}",
+        )
+
+
+def test_state_dict_is_backend_independent():
+    a = GPT(VARIANTS["llama"], backend="naive")
+    b = GPT(VARIANTS["llama"], backend="torch")
+    assert list(a.state_dict()) == list(b.state_dict())
+    b.load_state_dict(a.state_dict())
+    idx = torch.randint(0, 256, (1, 10))
+    torch.testing.assert_close(a(idx)[0], b(idx)[0], atol=1e-5, rtol=1e-5)
+    b.backend = "naive"
+    assert all(m.backend == "naive" for m in b.modules() if isinstance(m, fnn._BackendMixin))
+
+
+def test_pre_norm_block_is_the_textbook_formula():
+    model = GPT(TINY).eval()
+    block = model.blocks[0]
+    x = torch.randn(2, 7, TINY.d_model)
+    h = x + block.attn(block.norm1(x))
+    expected = h + block.mlp(block.norm2(h))
+    hidden, residual = block(x, None)
+    torch.testing.assert_close(hidden + residual, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_post_norm_uses_the_fused_residual_norm(monkeypatch):
+    config = VARIANTS["post-norm"]
+    model = GPT(config).eval()
+    assert model.norm_f is None
+    block = model.blocks[0]
+    x = torch.randn(2, 7, config.d_model)
+    ln = lambda t, norm: F.layer_norm(t, (config.d_model,), norm.weight, norm.bias, config.norm_eps)
+    h = ln(x + block.attn(x), block.norm1)  # H = LN(X + Attn(X))
+    expected = ln(h + block.mlp(h), block.norm2)
+    calls = []
+    original = fnn.layer_norm
+
+    def spy(x, weight, bias=None, eps=1e-5, **kwargs):
+        calls.append(kwargs.get("residual") is not None)
+        return original(x, weight, bias, eps, **kwargs)
+
+    monkeypatch.setattr(fnn, "layer_norm", spy)
+    out, residual = block(x, None)
+    assert residual is None
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert calls == [True, True]
+
+
+def test_encoder_padding_does_not_change_real_tokens():
+    model = GPT(VARIANTS["encoder"]).eval()
+    idx = torch.randint(0, 256, (2, 11))
+    mask = torch.ones(2, 11, dtype=torch.bool)
+    mask[0, 8:] = False
+    logits, _ = model(idx, attention_mask=mask)
+    alone, _ = model(idx[:1, :8])
+    torch.testing.assert_close(logits[0, :8], alone[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[1:], model(idx[1:])[0], atol=1e-5, rtol=1e-5)
+
+
+def test_targets_ignore_index_and_position_limit():
+    model = GPT(TINY)
+    idx = torch.randint(0, 256, (1, 6))
+    targets = torch.full((1, 6), -100)
+    targets[0, 2] = 7
+    logits, loss = model(idx, targets)
+    torch.testing.assert_close(loss, F.cross_entropy(logits[0, 2:3], targets[0, 2:3]))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, TINY.max_seq_len + 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="causal"):
+        GPT(VARIANTS["encoder"]).new_kv_cache(1, 8)
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama", "post-norm"])
+@pytest.mark.parametrize("page_size", [0, 8])
+def test_model_kv_cache_equals_full_forward(variant, page_size):
+    config = VARIANTS[variant]
+    model = GPT(config).eval()
+    idx = torch.randint(0, 256, (2, 25))
+    with torch.no_grad():
+        expected, _ = model(idx)
+        cache = model.new_kv_cache(2, 25, page_size=page_size)
+        parts = [model(idx[:, a:b], kv_cache=cache)[0] for a, b in ((0, 18), (18, 19), (19, 25))]
+    torch.testing.assert_close(torch.cat(parts, dim=1), expected, atol=1e-5, rtol=1e-5)
+    assert cache.length == 25
+
+
+def test_autocast_bf16_forward_backward():
+    model = GPT(VARIANTS["llama"])
+    idx = torch.randint(0, 256, (2, 10))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = model(idx, idx)
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
