@@ -1,0 +1,98 @@
+"""`fastattn-bench` (also `python -m fastattn.bench`): benchmark every op against naive
+PyTorch and PyTorch's own best paths, and write the results (JSON Lines, Markdown,
+PNG plots).
+
+    fastattn-bench                              # every op, the full sweep (CUDA)
+    fastattn-bench --op attention --quick       # a smaller sweep of one op
+    fastattn-bench --op layer_norm --providers torch,triton --modes fwd
+
+Without a CUDA GPU it runs a small CPU sweep of the providers that run on CPU, to
+show the harness works; GPU numbers need a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .run import OP_CHOICES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastattn-bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--op", default=["all"], choices=OP_CHOICES, action="append", dest="ops",
+                   help="op to benchmark (repeatable; default all). model = the reference "
+                        "Transformer's training step and decoding")
+    p.add_argument("--quick", action="store_true", help="a smaller sweep (a few shapes per op)")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                   help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--out", type=Path, default=Path("bench-out"),
+                   help="output folder; files go to OUT/<device>/ (default: bench-out)")
+    p.add_argument("--providers", default=None,
+                   help="comma-separated providers to run (default: all; on CPU the torch.compile "
+                        "providers run only when named here)")
+    p.add_argument("--modes", default=None, help="comma-separated modes: fwd,bwd,full (default: all)")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="auto: cuda when available")
+    p.add_argument("--max-cases", type=int, default=None, help="only the first N shapes of each op's sweep")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="stop measuring (rows marked skipped) after this long, shared out among the ops; "
+                        "default 480 for the full CUDA sweep, none otherwise; 0 = no limit")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--list", action="store_true", help="print the planned cases and exit")
+    return p
+
+
+def _split(value: Optional[str]) -> Optional[list[str]]:
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    from .run import default_sweep, expand_ops, run_benchmarks
+
+    ops = args.ops[1:] if len(args.ops) > 1 else args.ops  # drop the default when --op is given
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("fastattn-bench: --device cuda asked for, but no CUDA device is available", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    if args.list:
+        return _list(expand_ops(ops), default_sweep(device, args.quick), args)
+    run_benchmarks(ops, out=args.out, device=device, dtype=dtype, quick=args.quick,
+                   providers=_split(args.providers), modes=_split(args.modes), max_cases=args.max_cases,
+                   time_budget_s=args.time_budget, progress=not args.no_progress, plots=not args.no_plots)
+    return 0
+
+
+def _list(spec_names, sweep, args) -> int:
+    from .specs import get_spec
+
+    providers, modes = _split(args.providers), _split(args.modes)
+    total = 0
+    for name in spec_names:
+        spec = get_spec(name)
+        why = spec.unavailable()
+        if why:
+            print(f"{name}: not measured: {why}")
+            continue
+        shapes = spec.sweep(sweep)[: args.max_cases] if args.max_cases else spec.sweep(sweep)
+        names = [p for p in spec.providers if providers is None or p in providers]
+        chosen_modes = [m for m in spec.modes if modes is None or m in modes]
+        count = len(shapes) * len(chosen_modes) * len(names)
+        total += count
+        print(f"{name}: {len(shapes)} shapes × modes {','.join(chosen_modes)} × providers {','.join(names)} = {count}")
+        for shape in shapes:
+            print(f"    {spec.label(shape)}")
+    print(f"sweep {sweep}: {total} measurements planned")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,309 @@
+"""The benchmark harness (fastattn.bench) on CPU: FLOP/byte counting against
+hand-computed values, the fp32 references' chunking, a quick CPU run writing the
+JSON Lines file, the Markdown table and the plot, a wrong provider reported as failed
+(and not timed), and the README section rendered from a results file."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from fastattn import reference
+from fastattn.bench import counting, report, results, timing
+from fastattn.bench.cli import main as bench_main
+from fastattn.bench.harness import OpRunner, RunConfig, classify, max_abs_error, rotation_count
+from fastattn.bench.run import expand_ops, run_benchmarks
+from fastattn.bench.spec import Provider, Skip, rows_chunked_reference
+from fastattn.bench.specs import attention as attention_spec
+from fastattn.bench.specs import get_spec
+
+TARGETS_KEYS = {"op", "mode", "provider", "shape", "dtype", "ms_p50", "ms_p20", "ms_p80", "fraction_of_ceiling",
+                "max_abs_err_vs_fp32", "device", "torch", "triton", "cuda", "git_commit", "date"}
+SHAPE_KEYS = {
+    "attention": {"batch", "heads", "kv_heads", "seqlen_q", "seqlen_k", "head_dim", "causal"},
+    "decode_attention": {"batch", "heads", "kv_heads", "q_len", "cache_len", "head_dim", "page_size"},
+    "layer_norm": {"rows", "hidden", "residual"},
+    "rms_norm": {"rows", "hidden", "residual"},
+    "ffn": {"tokens", "d_model", "d_hidden", "activation"},
+    "gated_ffn": {"tokens", "d_model", "d_hidden", "activation"},
+}
+
+
+# ----------------------------------------------------------------------------- counting
+
+
+def test_attention_flops_by_hand():
+    shape = dict(batch=2, heads=3, seqlen_q=5, seqlen_k=5, head_dim=7, causal=False)
+    assert counting.attention_flops(shape, "fwd") == 4 * 2 * 3 * 5 * 5 * 7 == 4200
+    assert counting.attention_flops(shape, "bwd") == 10500
+    assert counting.attention_flops(shape, "full") == 14700
+    causal = dict(shape, causal=True)
+    assert counting.attention_flops(causal, "fwd") == 2100
+    assert counting.attention_flops(causal, "full") == 7350
+    # causal with seqlen_q != seqlen_k is not halved (TARGETS.md)
+    assert counting.attention_flops(dict(causal, seqlen_q=4, seqlen_k=6), "fwd") == 4 * 2 * 3 * 4 * 6 * 7
+
+
+def test_ffn_flops_by_hand():
+    shape = dict(tokens=10, d_model=4, d_hidden=16)
+    assert counting.ffn_flops(shape, "fwd", gated=False) == 2 * (2 * 10 * 4 * 16) == 2560
+    assert counting.ffn_flops(shape, "bwd", gated=False) == 5120
+    assert counting.ffn_flops(shape, "full", gated=False) == 7680
+    assert counting.ffn_flops(shape, "fwd", gated=True) == 3840
+    assert counting.ffn_flops(shape, "full", gated=True) == 11520
+    assert counting.work("gated_ffn", shape, "bwd", "bfloat16") == 7680
+
+
+def test_norm_bytes_by_hand():
+    shape = dict(rows=8, hidden=16, residual=False)
+    # fp16: x in + y out, weight and bias once
+    assert counting.work("layer_norm", shape, "fwd", torch.float16) == 8 * 16 * 2 * 2 + 2 * 16 * 2 == 576
+    # x, dy in + dx out, mean and rstd (fp32), weight and bias read and their grads written
+    assert counting.work("layer_norm", shape, "bwd", torch.float16) == 8 * 16 * 2 * 3 + 8 * 4 * 2 + 2 * 2 * 16 * 2 == 960
+    assert counting.work("layer_norm", shape, "full", torch.float16) == 576 + 960
+    # with a residual: residual in and residual out too
+    assert counting.work("layer_norm", dict(shape, residual=True), "fwd", torch.float16) == 8 * 16 * 2 * 4 + 64
+    # rms norm, fp32: one weight, one stat
+    assert counting.work("rms_norm", shape, "fwd", "float32") == 8 * 16 * 4 * 2 + 16 * 4 == 1088
+    assert counting.work("rms_norm", shape, "bwd", "float32") == 8 * 16 * 4 * 3 + 8 * 4 + 2 * 16 * 4 == 1696
+
+
+def test_decode_bytes_by_hand():
+    shape = dict(batch=2, heads=32, kv_heads=4, q_len=1, cache_len=100, head_dim=8, page_size=0)
+    assert counting.work("decode_attention", shape, "fwd", torch.bfloat16) == 2 * 2 * 4 * 100 * 8 * 2 == 25600
+    with pytest.raises(ValueError, match="forward only"):
+        counting.work("decode_attention", shape, "bwd", torch.bfloat16)
+
+
+def test_throughput_and_fraction_of_ceiling():
+    assert counting.throughput("attention", 2e12, 1000.0) == ("tflops", pytest.approx(2.0))
+    assert counting.throughput("rms_norm", 3e9, 1.0) == ("gbps", pytest.approx(3000.0))
+    ceilings = {"matmul_tflops": 800.0, "copy_tbps": 3.0}
+    assert counting.fraction_of_ceiling("tflops", 400.0, ceilings) == pytest.approx(0.5)
+    assert counting.fraction_of_ceiling("gbps", 2700.0, ceilings) == pytest.approx(0.9)
+    with pytest.raises(ValueError, match="mode"):
+        counting.attention_flops(dict(batch=1, heads=1, seqlen_q=1, seqlen_k=1, head_dim=1, causal=False), "both")
+
+
+def test_sweeps_use_the_targets_shape_keys():
+    for op, keys in SHAPE_KEYS.items():
+        spec = get_spec(op)
+        for sweep in ("full", "quick", "cpu", "cpu-quick"):
+            shapes = spec.sweep(sweep)
+            assert shapes, (op, sweep)
+            assert all(set(s) == keys for s in shapes), (op, sweep)
+    full = get_spec("attention").sweep("full")
+    assert {s["batch"] * s["seqlen_q"] for s in full} == {16384}
+    assert {s["heads"] * s["head_dim"] for s in full} == {2048}
+    assert {s["seqlen_q"] for s in full} == {512, 1024, 2048, 4096, 8192, 16384}
+    assert {s["d_hidden"] for s in get_spec("gated_ffn").sweep("full") if s["d_model"] == 4096} == {11008}
+
+
+# ----------------------------------------------------------------------------- references and checks
+
+
+def test_attention_reference_chunks_agree_with_one_pass(monkeypatch):
+    spec = get_spec("attention")
+    shape = dict(batch=2, heads=6, kv_heads=2, seqlen_q=9, seqlen_k=9, head_dim=8, causal=True)
+    inputs = spec.make_inputs(shape, torch.float32, torch.device("cpu"), torch.Generator().manual_seed(0))
+    dout = torch.randn(spec.output_shape(shape))
+    whole = spec.reference(inputs, shape, dout)
+    monkeypatch.setattr(attention_spec, "REFERENCE_SCORES_BUDGET", 9 * 9)  # one q head at a time
+    chunked = spec.reference(inputs, shape, dout)
+    torch.testing.assert_close(chunked[0][0], whole[0][0])
+    for name in ("q", "k", "v"):
+        torch.testing.assert_close(chunked[1][name], whole[1][name])
+    leaves = [inputs[n].clone().requires_grad_() for n in ("q", "k", "v")]
+    out = reference.attention(*leaves, causal=True)
+    torch.testing.assert_close(whole[0][0], out.detach())
+    expected = torch.autograd.grad(out, leaves, dout)
+    for name, grad in zip(("q", "k", "v"), expected):
+        torch.testing.assert_close(whole[1][name], grad)
+
+
+def test_row_chunked_reference_sums_weight_gradients():
+    x, residual = torch.randn(10, 6), torch.randn(10, 6)
+    weight, bias = torch.randn(6), torch.randn(6)
+    dout = torch.randn(10, 6)
+    fn = lambda x, weight, bias, residual: reference.layer_norm(x, weight, bias, residual=residual, prenorm=True)
+    inputs = {"x": x, "weight": weight, "bias": bias, "residual": residual}
+    names = ("x", "weight", "bias", "residual")
+    outs, grads = rows_chunked_reference(fn, inputs, ("x", "residual"), 10, 3, dout, names)
+    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    y, summed = fn(**leaves)
+    expected = torch.autograd.grad(y, [leaves[n] for n in names], dout)
+    torch.testing.assert_close(outs[0], y.detach())
+    torch.testing.assert_close(outs[1], summed.detach())
+    for name, grad in zip(names, expected):
+        torch.testing.assert_close(grads[name], grad)
+
+
+def test_max_abs_error_flags_shape_and_non_finite():
+    ref = torch.zeros(4, 3)
+    assert max_abs_error(torch.full((4, 3), 0.5), ref) == 0.5
+    assert max_abs_error(torch.zeros(3, 4), ref) == math.inf
+    bad = torch.zeros(4, 3)
+    bad[1, 2] = float("nan")
+    assert max_abs_error(bad, ref) == math.inf
+
+
+def test_classify_and_rotation():
+    assert classify(Skip("no kernel")) == ("skipped", "no kernel")
+    assert classify(ValueError("backend 'triton' cannot serve this attention call: x"))[0] == "skipped"
+    assert classify(RuntimeError("No available kernel. Aborting execution."))[0] == "skipped"
+    assert classify(RuntimeError("boom")) == ("error", "RuntimeError: boom")
+    assert rotation_count(10**6, torch.device("cpu")) == 1
+
+
+def _wrong_layer_norm(shape, dtype, device):
+    """A deliberately wrong layer norm: right shapes, output off by half its size."""
+    def fn(x):
+        s = x["x"] if x["residual"] is None else x["x"] + x["residual"]
+        y = torch.nn.functional.layer_norm(s, [shape["hidden"]], x["weight"], x["bias"], 1e-5)
+        return y * 1.5, s
+    return Provider("wrong", fn)
+
+
+def _raising(shape, dtype, device):
+    def fn(x):
+        raise RuntimeError("kernel exploded")
+    return Provider("raises", fn)
+
+
+def _skipping(shape, dtype, device):
+    raise Skip("needs a feature this case lacks")
+
+
+def test_wrong_provider_is_reported_failed_and_not_timed():
+    spec = get_spec("layer_norm")
+    records = []
+    config = RunConfig(device=torch.device("cpu"), dtype=torch.float32, sweep="cpu-quick",
+                       providers=["naive", "wrong", "raises", "skips"], max_cases=1, modes=["fwd", "bwd"],
+                       timer=timing.CPU_QUICK,
+                       extra_providers={"layer_norm": {"wrong": _wrong_layer_norm, "raises": _raising,
+                                                       "skips": _skipping}})
+    OpRunner(spec, config, records.append).run()
+    outcomes = {(r["mode"], r["provider"]): r["outcome"] for r in records}
+    assert len(outcomes) == 8
+    for mode in ("fwd", "bwd"):
+        assert outcomes[(mode, "naive")].status == "ok"
+        assert outcomes[(mode, "naive")].timing is not None
+        wrong = outcomes[(mode, "wrong")]
+        assert wrong.status == "failed"
+        assert wrong.timing is None
+        assert "wrong result vs the fp32 reference" in wrong.reason
+        assert ("output:" if mode == "fwd" else "dx:") in wrong.reason
+        assert outcomes[(mode, "raises")].status == "error"
+        assert "kernel exploded" in outcomes[(mode, "raises")].reason
+        assert outcomes[(mode, "skips")].status == "skipped"
+        assert outcomes[(mode, "skips")].reason == "needs a feature this case lacks"
+
+
+# ----------------------------------------------------------------------------- whole runs
+
+
+def _read(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_quick_cpu_run_writes_json_table_and_plot(tmp_path):
+    out = run_benchmarks(["layer_norm"], out=tmp_path, device=torch.device("cpu"), quick=True, max_cases=2,
+                         progress=False, extra_providers={"layer_norm": {"wrong": _wrong_layer_norm}},
+                         log=lambda line: None)
+    assert out.directory == tmp_path / "cpu"
+    lines = _read(out.jsonl)
+    header, rows = lines[0], lines[1:]
+    assert header["kind"] == "header"
+    assert header["matmul_tflops"] > 0 and header["copy_tbps"] > 0
+    assert header["sweep"] == "cpu-quick" and header["dtype"] == "float32"
+    assert "GPU numbers need a CUDA GPU" in header["notes"][0]
+    providers = list(get_spec("layer_norm").providers) + ["wrong"]
+    assert [r["provider"] for r in rows[: len(providers)]] == providers
+    assert len(rows) == 2 * 3 * len(providers)  # shapes × modes × providers
+    for row in rows:
+        assert TARGETS_KEYS <= set(row), set(row) ^ TARGETS_KEYS
+        assert "gbps" in row and set(row["shape"]) == SHAPE_KEYS["layer_norm"]
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert {r["provider"] for r in ok} == {"naive", "torch"}
+    for row in ok:
+        assert 0 < row["ms_p20"] <= row["ms_p50"] <= row["ms_p80"]
+        amount = counting.work("layer_norm", row["shape"], row["mode"], "float32")
+        assert row["gbps"] == pytest.approx(amount / (row["ms_p50"] * 1e-3) / 1e9)
+        assert row["fraction_of_ceiling"] == pytest.approx(row["gbps"] / (header["copy_tbps"] * 1000))
+        assert row["max_abs_err_vs_fp32"] is not None
+    wrong = [r for r in rows if r["provider"] == "wrong"]
+    assert {r["status"] for r in wrong} == {"failed"}
+    assert all(r["ms_p50"] is None and r["gbps"] is None for r in wrong)
+    skipped = {r["provider"]: r["reason"] for r in rows if r["status"] == "skipped"}
+    assert "torch.compile on CPU" in skipped["torch-compile"]
+    assert "Triton" in skipped["triton"]
+    assert "CUDA" in skipped["liger"]
+
+    table = out.markdown.read_text()
+    assert "## layer_norm — fwd (GB/s)" in table
+    assert "| shape | naive | torch | wrong |" in table
+    assert "FAIL" in table and "wrong failed" in table
+    assert len(out.plots) == 1 and out.plots[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    section = report.render_readme_section(tmp_path, readme_dir=tmp_path, committed_only=False)
+    assert section.startswith(report.BEGIN) and section.rstrip().endswith(report.END)
+    assert "## Benchmark results" in section and "### layer_norm (GB/s)" in section
+    assert f"![layer_norm](cpu/{out.plots[0].name})" in section
+    assert "torch " + torch.__version__ in section
+    assert "| mode | shape | naive | torch | wrong |" in section
+    readme = "# fastattn\n\nintro\n\n" + section + "\nafter\n"
+    assert report.replace_section(readme, section) == readme
+    assert report.replace_section("# fastattn\n", section).endswith(section)
+
+
+def test_cli_quick_cpu_run(tmp_path, capsys):
+    rc = bench_main(["--quick", "--op", "rms_norm", "--providers", "naive,torch", "--max-cases", "1",
+                     "--modes", "fwd", "--out", str(tmp_path), "--device", "cpu", "--no-progress"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "GPU numbers need a CUDA GPU" in printed
+    files = sorted(p.suffix for p in (tmp_path / "cpu").iterdir())
+    assert files == [".jsonl", ".md", ".png"]
+    rows = _read(next((tmp_path / "cpu").glob("*.jsonl")))[1:]
+    assert [(r["op"], r["mode"], r["provider"], r["status"]) for r in rows] == [
+        ("rms_norm", "fwd", "naive", "ok"), ("rms_norm", "fwd", "torch", "ok")]
+
+
+def test_cli_list_and_op_names(capsys):
+    assert bench_main(["--list", "--op", "attention", "--device", "cpu"]) == 0
+    assert "attention: 6 shapes" in capsys.readouterr().out
+    assert expand_ops(["model", "attention"]) == ["model_train", "model_decode", "attention"]
+    assert expand_ops(["all"])[:2] == ["attention", "decode_attention"]
+    with pytest.raises(ValueError, match="op must be one of"):
+        expand_ops(["softmax"])
+    with pytest.raises(SystemExit):
+        bench_main(["--op", "softmax"])
+
+
+def test_results_table_marks_statuses():
+    rows = [
+        {"op": "ffn", "mode": "fwd", "provider": p, "shape": {"tokens": 8, "d_model": 4, "d_hidden": 16,
+                                                               "activation": "gelu"},
+         "status": s, "tflops": v, "reason": reason}
+        for p, s, v, reason in (("naive", "ok", 1.5, None), ("torch", "ok", 123.4, None),
+                                ("triton", "failed", None, "wrong result"), ("cuda", "skipped", None, "not built"))
+    ]
+    table = results.op_table("ffn", "fwd", rows)
+    assert "| shape | naive | torch | triton |" in table  # cuda: skipped everywhere, left out
+    assert "| 1.5 | 123 | FAIL |" in table
+    assert "- cuda skipped (1 case): not built" in table
+
+
+def test_model_benchmark_or_its_skip_reason(tmp_path):
+    spec = get_spec("model_train")
+    if spec.unavailable():
+        pytest.skip(spec.unavailable())
+    out = run_benchmarks(["model"], out=tmp_path, device=torch.device("cpu"), quick=True,
+                         providers=["naive", "torch"], progress=False, plots=False, log=lambda line: None)
+    rows = _read(out.jsonl)[1:]
+    assert {(r["op"], r["provider"]) for r in rows} == {
+        ("model_train", "naive"), ("model_train", "torch"), ("model_decode", "naive"), ("model_decode", "torch")}
+    for row in rows:
+        assert row["status"] == "ok", row
+        assert row["tokens_per_s"] > 0
