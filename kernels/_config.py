@@ -248,6 +248,8 @@ ATTENTION_TUNE_KEY = ("seqlen_bucket", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "HAS_
                       "BIAS_KIND", "HAS_DROPOUT")
 ATTENTION_SHARED_MEMORY = 200 * 1024  # bytes for resident + num_stages buffered tiles (H100: 227 KiB)
 ATTENTION_ACCUMULATOR_REGISTERS = 128  # most fp32 accumulator elements per thread
+ATTENTION_SCORE_REGISTERS = 64  # most fp32 score-tile (BLOCK_M x BLOCK_N) elements per thread
+ATTENTION_EIGHT_WARPS_TILE = 128 * 64  # smallest resident tile (elements) worth 8 warps
 ATTENTION_SEQLEN_BUCKETS = (128, 16384)  # seqlen bucket = next power of 2, clamped to this range
 _ATTENTION_SPACE = {
     "fwd": dict(BLOCK_M=(64, 128), BLOCK_N=(32, 64, 128), num_warps=(4, 8), num_stages=(2, 3, 4)),
@@ -266,26 +268,23 @@ def attention_keep(kind: str, block_m: int, block_n: int, num_warps: int, num_st
                    block_d: int, block_dv: int, element_size: int = 2) -> bool:
     """Whether a config of kernel `kind` is worth trying for (padded) head dims
     block_d / block_dv and operands of element_size bytes: the staged tiles fit in shared
-    memory and the fp32 accumulators in registers."""
+    memory, the fp32 accumulators and the score tile in registers, and 8 warps only for
+    tiles big enough to keep them busy."""
     threads = 32 * num_warps
-    if kind == "fwd":
-        resident, streamed = block_m * block_d, block_n * (block_d + block_dv)
-        accumulators = block_m * block_dv + block_m * block_n  # output and score tiles
-        if num_warps == 8 and block_m < 128:
-            return False
-    elif kind == "dkdv":
-        resident, streamed = block_n * (block_d + block_dv), block_m * (block_d + block_dv)
-        accumulators = block_n * (block_d + block_dv)
-        if num_warps == 8 and block_n < 128:
-            return False
-    elif kind == "dq":
-        resident, streamed = block_m * (block_d + block_dv), block_n * (block_d + block_dv)
-        accumulators = block_m * block_d + block_m * block_n
-        if num_warps == 8 and block_m < 128:
-            return False
+    if kind == "fwd":  # q resident, k and v streamed; accumulates o
+        resident, streamed, accumulator = block_m * block_d, block_n * (block_d + block_dv), block_m * block_dv
+    elif kind == "dkdv":  # k and v resident, q and do streamed; accumulates dk and dv
+        resident = accumulator = block_n * (block_d + block_dv)
+        streamed = block_m * (block_d + block_dv)
+    elif kind == "dq":  # q and do resident, k and v streamed; accumulates dq
+        resident, streamed, accumulator = block_m * (block_d + block_dv), block_n * (block_d + block_dv), block_m * block_d
     else:
         raise ValueError(f"attention kernel kind must be fwd, dkdv or dq; got {kind!r}")
-    if accumulators // threads > ATTENTION_ACCUMULATOR_REGISTERS:
+    if num_warps == 8 and resident < ATTENTION_EIGHT_WARPS_TILE:
+        return False
+    if accumulator > ATTENTION_ACCUMULATOR_REGISTERS * threads:
+        return False
+    if block_m * block_n > ATTENTION_SCORE_REGISTERS * threads:
         return False
     return (resident + num_stages * streamed) * element_size <= ATTENTION_SHARED_MEMORY
 

@@ -689,7 +689,7 @@ def _attention_bwd_dbias_kernel(
         for h_it in range(h_lo, h_hi):
             h = tl.cast(h_it, tl.int64)
             kvh = h // group
-            bh = b * heads + h
+            bh = (b * heads + h).to(tl.int32)
             Qh = Q + b * stride_qb + h * stride_qh
             dOh = dO + b * stride_dob + h * stride_doh
             Kh = K + b * stride_kb + kvh * stride_kh
@@ -705,8 +705,8 @@ def _attention_bwd_dbias_kernel(
                 do = _load_tile(dOh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dok,
                                 offs_m, seqlen_q, offs_dv, DV, True, DV != BLOCK_DV)
                 in_bounds = offs_m < seqlen_q
-                lse2 = tl.load(Lse2 + bh * seqlen_q + offs_m, mask=in_bounds, other=float("inf"))
-                delta = tl.load(Delta + bh * seqlen_q + offs_m, mask=in_bounds, other=0.0)
+                lse2 = tl.load(Lse2 + bh.to(tl.int64) * seqlen_q + offs_m, mask=in_bounds, other=float("inf"))
+                delta = tl.load(Delta + bh.to(tl.int64) * seqlen_q + offs_m, mask=in_bounds, other=0.0)
                 for tn in range(n_lo, n_hi):
                     offs_n = tn * BLOCK_N + tl.arange(0, BLOCK_N)
                     k_t = _load_tile(Kh + offs_d[:, None] * stride_kk + offs_n[None, :] * stride_kn,
@@ -946,7 +946,7 @@ def dropout_keep_mask(batch: int, heads: int, seqlen_q: int, seqlen_k: int, drop
     keep = torch.empty(batch, heads, seqlen_q, seqlen_k, dtype=torch.uint8, device=device)
     if keep.numel() == 0:
         return keep.bool()
-    block = 32
+    block = 64
     grid = (triton.cdiv(seqlen_k, block), triton.cdiv(seqlen_q, block), batch * heads)
     _attention_dropout_mask_kernel[grid](keep, heads, seqlen_q, seqlen_k, int(rng_seed.item()),
                                          float(dropout_p), BLOCK_M=block, BLOCK_N=block)

@@ -1,0 +1,528 @@
+"""fastattn.attention and scaled_dot_product_attention in depth, on every backend.
+
+Each call is checked against the float64 reference (FlashAttention's rule, helpers.py):
+output, lse and every gradient (q, k, v, a bias that requires grad, lse's own gradient
+included), over odd lengths and head dims, causal in both alignments, GQA/MQA, windows,
+bias/mask shapes, ALiBi, softcap and dropout (against the reference given the kernel's
+own keep-mask). The Triton kernels also get: any strides without copies, bitwise
+deterministic backward, pinned tile configs that move the full/masked tile boundaries,
+opcheck and torch.compile with the whole option set, and their refusals.
+
+CPU runs the Triton kernels in the interpreter (fp32 and fp16; bf16 tl.dot is broken
+there); the `gpu` tests run fp16 and bf16 over the full head-dim and length sweep.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import pytest
+import torch
+
+import fastattn
+from fastattn import backends, reference
+from fastattn.ops import attention as attention_op
+from fastattn.ops._common import draw_rng_seed
+from helpers import GRAD_FACTOR, assert_within_naive_error, backends_of
+
+CONFIG_ENV = "FASTATTN_ATTENTION_CONFIG"
+CPU_BACKENDS = backends_of(attention_op.BACKENDS)
+HAS_TRITON = "triton" in CPU_BACKENDS
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed or TRITON_INTERPRET is off")
+
+
+def _kernels():
+    from fastattn.kernels import attention as kernels
+
+    return kernels
+
+
+def _serves(backend: str, dtype=torch.float32, head_dim=64, head_dim_v=64, softcap=0.0, dropout_p=0.0,
+            return_lse=False, has_bias=False) -> bool:
+    call = attention_op.AttentionCall(dtype, head_dim, head_dim_v, has_bias, softcap, dropout_p, return_lse)
+    return attention_op.BACKENDS.reason(backend, call) is None
+
+
+def _inputs(batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, head_dim_v=None, device="cpu"):
+    head_dim_v = head_dim if head_dim_v is None else head_dim_v
+    return (torch.randn(batch, heads, seqlen_q, head_dim, device=device),
+            torch.randn(batch, kv_heads, seqlen_k, head_dim, device=device),
+            torch.randn(batch, kv_heads, seqlen_k, head_dim_v, device=device))
+
+
+def _leaves(tensors, dtype):
+    """Copies in `dtype` (floats; bool masks stay) that require grad where floating."""
+    return [None if t is None else
+            (t.to(dtype) if t.is_floating_point() else t).detach().requires_grad_(t.is_floating_point())
+            for t in tensors]
+
+
+def _finite(lse):
+    return torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+
+
+def _run(fn, tensors, dout, dlse, bias_grad):
+    """fn(q, k, v, bias) -> (out, lse or None); returns out, lse and the gradients of
+    <out, dout> + <lse, dlse> (finite part) wrt q, k, v (and bias if bias_grad)."""
+    out, lse = fn(*tensors)
+    loss = (out * dout.to(out.dtype)).sum()
+    if lse is not None and dlse is not None:
+        loss = loss + (_finite(lse) * dlse).sum()
+    wanted = list(tensors[:3]) + ([tensors[3]] if bias_grad else [])
+    return out, lse, torch.autograd.grad(loss, wanted)
+
+
+def check_attention(backend, q, k, v, *, attn_bias=None, dtype=torch.float32, with_lse=True,
+                    dropout_mask=None, seed: Optional[int] = None, sdpa=False, **options):
+    """One call of fastattn.attention (or scaled_dot_product_attention with sdpa=True)
+    against the float64 reference, output, lse and all gradients. With dropout, `seed`
+    is given to torch.manual_seed right before our call (so that it draws the rng_seed
+    `dropout_mask` was made from) and the reference uses `dropout_mask`."""
+    bias_grad = attn_bias is not None and attn_bias.is_floating_point()
+    with_lse = with_lse and not sdpa and _serves(backend, dtype, q.shape[-1], v.shape[-1],
+                                                  options.get("softcap", 0.0), options.get("dropout_p", 0.0),
+                                                  True)
+    ref_options = dict(options, top_left=sdpa)
+    if sdpa:
+        ref_options["causal"] = ref_options.pop("is_causal", False)
+        ref_options.pop("enable_gqa", None)
+    if dropout_mask is not None:
+        ref_options["dropout_mask"] = dropout_mask
+
+    def reference_fn(q_, k_, v_, bias_):
+        out, lse = reference.attention(q_, k_, v_, attn_bias=bias_, return_lse=True, **ref_options)
+        return out, lse
+
+    def ours(q_, k_, v_, bias_):
+        if sdpa:
+            with fastattn.use_backend(backend):
+                return fastattn.scaled_dot_product_attention(q_, k_, v_, attn_mask=bias_, **options), None
+        result = fastattn.attention(q_, k_, v_, attn_bias=bias_, return_lse=with_lse, backend=backend,
+                                    **options)
+        return result if with_lse else (result, None)
+
+    tensors = (q, k, v, attn_bias)
+    dout = torch.randn(q.shape[:3] + (v.shape[-1],), device=q.device)
+    dlse = torch.randn(q.shape[:3], device=q.device) if with_lse else None
+    ref = _run(reference_fn, _leaves(tensors, torch.float64), dout, dlse, bias_grad)
+    naive = _run(reference_fn, _leaves(tensors, dtype), dout, dlse, bias_grad)
+    if seed is not None:
+        torch.manual_seed(seed)
+    got = _run(ours, _leaves(tensors, dtype), dout, dlse, bias_grad)
+    assert got[0].dtype == dtype and got[0].shape == ref[0].shape
+    assert_within_naive_error(got[0], naive[0], ref[0], what="out")
+    if with_lse:
+        assert got[1].dtype == torch.float32
+        assert torch.equal(torch.isneginf(got[1]), torch.isneginf(ref[1])), "lse: -inf rows differ"
+        assert_within_naive_error(_finite(got[1]), _finite(naive[1]), _finite(ref[1]),
+                                  atol=1e-5, what="lse")
+    names = ("dq", "dk", "dv", "dbias")
+    for name, ours_grad, naive_grad, ref_grad in zip(names, got[2], naive[2], ref[2]):
+        assert torch.isfinite(ours_grad).all(), f"{name} is not finite"
+        assert_within_naive_error(ours_grad, naive_grad, ref_grad, factor=GRAD_FACTOR, what=name)
+    return got
+
+
+# ----------------------------------------------------------------------------- lengths, head dims, GQA
+
+# (batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, head_dim_v, causal)
+SWEEP = [
+    (1, 2, 2, 1, 7, 40, 40, False),
+    (1, 2, 1, 7, 1, 64, 64, True),      # seqlen_q > seqlen_k, causal: rows with no key at all
+    (2, 2, 1, 97, 130, 80, 80, True),
+    (1, 2, 1, 130, 97, 96, 96, False),  # MQA
+    (1, 2, 2, 130, 130, 64, 64, True),
+    (1, 2, 1, 33, 47, 64, 40, True),    # head_dim_v != head_dim
+]
+FP16_SWEEP = [SWEEP[1], SWEEP[3], SWEEP[5]]
+
+
+def _sweep_cases():
+    cases = []
+    for backend in CPU_BACKENDS:
+        for dtype, sweep in ((torch.float32, SWEEP), (torch.float16, FP16_SWEEP)):
+            for shape in sweep:
+                if _serves(backend, dtype, shape[5], shape[6]):
+                    cases.append(pytest.param(backend, dtype, shape,
+                                              id=f"{backend}-{str(dtype)[6:]}-{'x'.join(map(str, shape[:7]))}"
+                                                 f"{'-causal' if shape[7] else ''}"))
+    return cases
+
+
+@pytest.mark.parametrize("backend,dtype,shape", _sweep_cases())
+def test_lengths_head_dims_gqa_causal(backend, dtype, shape):
+    batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, head_dim_v, causal = shape
+    q, k, v = _inputs(batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, head_dim_v)
+    check_attention(backend, q, k, v, dtype=dtype, causal=causal)
+
+
+# ----------------------------------------------------------------------------- options
+
+SMALL = (1, 4, 2, 37, 45, 32)  # batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim: 2 x 2 tiles of 32
+
+
+def _option_cases():
+    b, h, _, sq, sk, _ = SMALL
+    return {
+        "scale": dict(scale=0.3, causal=True),
+        "window": dict(window_size=(5, 3)),
+        "window-left": dict(window_size=(6, -1)),
+        "window-right-0": dict(window_size=(2, 0)),
+        "softcap": dict(softcap=2.0, causal=True),
+        "alibi-heads": dict(alibi_slopes=torch.rand(h), causal=True),
+        "alibi-batch-heads": dict(alibi_slopes=torch.rand(b, h)),
+        "bias-full": dict(attn_bias=torch.randn(b, h, sq, sk)),
+        "bias-heads": dict(attn_bias=torch.randn(1, h, sq, sk), causal=True),
+        "bias-key-row": dict(attn_bias=torch.randn(b, 1, 1, sk)),
+        "bias-query-col": dict(attn_bias=torch.randn(sq, 1)),
+        "bias-scalar": dict(attn_bias=torch.randn(1, 1, 1, 1)),
+        "bias-neg-inf": dict(attn_bias=torch.randn(sq, sk).masked_fill(torch.rand(sq, sk) > 0.7, float("-inf"))),
+        "mask": dict(attn_bias=torch.rand(b, 1, sq, sk) > 0.4),
+        "mask-empty-rows": dict(attn_bias=torch.rand(sq, sk) > 0.97),
+        "everything": dict(attn_bias=torch.randn(1, h, sq, sk), causal=True, softcap=5.0,
+                           alibi_slopes=torch.rand(h), window_size=(10, -1), scale=0.2),
+    }
+
+
+def _options_cases():
+    cases = []
+    for backend in CPU_BACKENDS:
+        for name, options in _option_cases().items():
+            if _serves(backend, softcap=options.get("softcap", 0.0), head_dim=SMALL[5], head_dim_v=SMALL[5]):
+                cases.append(pytest.param(backend, name, id=f"{backend}-{name}"))
+    return cases
+
+
+@pytest.mark.parametrize("backend,name", _options_cases())
+def test_options(backend, name):
+    options = _option_cases()[name]
+    q, k, v = _inputs(*SMALL)
+    got = check_attention(backend, q, k, v, **options)
+    if name == "mask-empty-rows":
+        empty = ~options["attn_bias"].any(-1)  # (sq,)
+        assert empty.any()
+        assert (got[0][:, :, empty] == 0).all(), "a fully masked row must give 0"
+        assert (got[2][0][:, :, empty] == 0).all(), "a fully masked row must give dq 0"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("seqlens", [(37, 45), (45, 37)], ids=["sq<sk", "sq>sk"])
+def test_sdpa_top_left_causal_and_gqa(backend, seqlens):
+    q, k, v = _inputs(1, 4, 2, seqlens[0], seqlens[1], 32)
+    check_attention(backend, q, k, v, sdpa=True, is_causal=True, enable_gqa=True)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_sdpa_float_mask(backend):
+    q, k, v = _inputs(1, 2, 2, 37, 45, 32)
+    check_attention(backend, q, k, v, attn_bias=torch.randn(1, 1, 37, 45), sdpa=True)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_fully_masked_rows_give_zero_and_neg_inf_lse(backend):
+    q, k, v = (t.requires_grad_() for t in _inputs(1, 2, 1, 9, 4, 16))
+    wants_lse = _serves(backend, head_dim=16, head_dim_v=16, return_lse=True)
+    result = fastattn.attention(q, k, v, causal=True, return_lse=wants_lse, backend=backend)
+    out, lse = result if wants_lse else (result, None)
+    masked = slice(0, 9 - 4)  # rows i < sq - sk see no key (bottom-right causal)
+    assert (out[:, :, masked] == 0).all()
+    if lse is not None:
+        assert torch.isneginf(lse[:, :, masked]).all() and torch.isfinite(lse[:, :, 5:]).all()
+    out.backward(torch.randn_like(out))
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+    assert (q.grad[:, :, masked] == 0).all()
+
+
+# ----------------------------------------------------------------------------- dropout
+
+
+@needs_triton
+def test_dropout_keep_mask_rate_and_reproducibility():
+    kernels = _kernels()
+    seed = torch.tensor([123456789012345], dtype=torch.int64)
+    p = 0.3
+    keep = kernels.dropout_keep_mask(2, 2, 61, 67, p, seed, torch.device("cpu"))
+    n = keep.numel()
+    assert abs(keep.float().mean().item() - (1 - p)) < 4 * math.sqrt(p * (1 - p) / n)
+    assert torch.equal(keep, kernels.dropout_keep_mask(2, 2, 61, 67, p, seed, torch.device("cpu")))
+    other = kernels.dropout_keep_mask(2, 2, 61, 67, p, seed + 1, torch.device("cpu"))
+    assert not torch.equal(other, keep)
+    # rows, columns and heads get independent draws
+    assert not torch.equal(keep[0, 0, 0], keep[0, 0, 1]) and not torch.equal(keep[0, 0], keep[0, 1])
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dropout_matches_reference_given_the_kernels_mask(dtype):
+    batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim = SMALL
+    q, k, v = _inputs(*SMALL)
+    p = 0.3
+    torch.manual_seed(7)
+    seed = draw_rng_seed()  # what fastattn.attention draws after the same manual_seed
+    keep = _kernels().dropout_keep_mask(batch, heads, seqlen_q, seqlen_k, p, seed, q.device)
+    check_attention("triton", q, k, v, dtype=dtype, dropout_p=p, dropout_mask=keep, seed=7, causal=True,
+                    attn_bias=torch.randn(1, heads, seqlen_q, seqlen_k), alibi_slopes=torch.rand(heads))
+
+
+@needs_triton
+def test_dropout_follows_torch_manual_seed():
+    q, k, v = _inputs(1, 2, 2, 20, 24, 16)
+    torch.manual_seed(3)
+    first = fastattn.attention(q, k, v, dropout_p=0.5, backend="triton")
+    torch.manual_seed(3)
+    again = fastattn.attention(q, k, v, dropout_p=0.5, backend="triton")
+    different = fastattn.attention(q, k, v, dropout_p=0.5, backend="triton")
+    assert torch.equal(first, again)
+    assert not torch.equal(first, different)
+
+
+# ----------------------------------------------------------------------------- the Triton kernels
+
+
+@needs_triton
+def test_any_strides_without_copies():
+    """Transposed (b, s, h, d) views, a sliced head_dim and an expanded (stride 0) output
+    gradient give bitwise what contiguous inputs give; dq/dk/dv keep the inputs' layout."""
+    b, h, hk, sq, sk, d = 2, 2, 1, 21, 23, 32
+    q_bshd = torch.randn(b, sq, h, d)
+    k_bshd = torch.randn(b, sk, hk, d)
+    v_wide = torch.randn(b, hk, sk, 2 * d)
+    q, k, v = q_bshd.transpose(1, 2), k_bshd.transpose(1, 2), v_wide[..., ::2]
+    bias = torch.randn(b, h, sk, sq).transpose(-1, -2)
+    options = dict(causal=True, attn_bias=bias, return_lse=True, backend="triton")
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out, lse = fastattn.attention(*leaves, **options)
+    dout = torch.randn(1, 1, 1, d).expand(out.shape)  # stride-0 gradient
+    grads = torch.autograd.grad(out, leaves, dout)
+    contiguous = [t.detach().contiguous().requires_grad_() for t in (q, k, v)]
+    out_c, lse_c = fastattn.attention(*contiguous, **dict(options, attn_bias=bias.contiguous()))
+    grads_c = torch.autograd.grad(out_c, contiguous, dout.contiguous())
+    assert torch.equal(out, out_c) and torch.equal(lse, lse_c)
+    for grad, grad_c in zip(grads, grads_c):
+        assert torch.equal(grad, grad_c)
+    assert grads[0].stride() == q.stride() and grads[1].stride() == k.stride()  # dense views keep their layout
+    assert grads[2].is_contiguous()  # v is not dense: its gradient is allocated contiguous
+
+
+@needs_triton
+def test_backward_is_bitwise_deterministic():
+    b, h, hk, sq, sk, d = 1, 2, 1, 37, 33, 40
+    q, k, v = _inputs(b, h, hk, sq, sk, d)
+    bias = torch.randn(1, h, 1, sk)
+
+    def grads():
+        torch.manual_seed(11)
+        leaves = [t.detach().requires_grad_() for t in (q, k, v, bias)]
+        out = fastattn.attention(*leaves[:3], attn_bias=leaves[3], causal=True, dropout_p=0.2,
+                                 alibi_slopes=torch.ones(h) * 0.1, backend="triton")
+        return torch.autograd.grad(out, leaves, torch.ones_like(out))
+
+    first, second = grads(), grads()
+    for a, b_ in zip(first, second):
+        assert torch.equal(a, b_)
+
+
+@needs_triton
+@pytest.mark.parametrize("config", ["BLOCK_M=16,BLOCK_N=16", "BLOCK_M=16,BLOCK_N=64", "BLOCK_M=64,BLOCK_N=16"])
+def test_pinned_tile_configs(config, monkeypatch):
+    """Other tile shapes move which tiles are skipped, full or masked (window both sides,
+    bottom-right causal with seqlen_q > seqlen_k)."""
+    monkeypatch.setenv(CONFIG_ENV, config)
+    q, k, v = _inputs(1, 2, 1, 53, 41, 24)
+    check_attention("triton", q, k, v, window_size=(9, 0), attn_bias=torch.randn(53, 1))
+
+
+@needs_triton
+def test_bad_pinned_config_is_refused(monkeypatch):
+    q, k, v = _inputs(1, 2, 2, 5, 5, 16)
+    monkeypatch.setenv(CONFIG_ENV, "BLOCK_M=24")
+    with pytest.raises(ValueError, match="FASTATTN_ATTENTION_CONFIG: BLOCK_M must be a power of 2"):
+        fastattn.attention(q, k, v, backend="triton")
+    monkeypatch.setenv(CONFIG_ENV, "BLOCK_Q=32")
+    with pytest.raises(ValueError, match="FASTATTN_ATTENTION_CONFIG must be comma-separated"):
+        fastattn.attention(q, k, v, backend="triton")
+
+
+def test_autotune_space_is_pruned_per_head_dim_and_dtype():
+    pytest.importorskip("triton")
+    from fastattn.kernels import _config
+
+    for kind in ("fwd", "dkdv", "dq"):
+        space = _config.attention_configs(kind)
+        prune = _config.attention_prune(kind)
+        for head_dim, dtype in ((64, torch.float16), (256, torch.bfloat16), (128, torch.float32),
+                                (256, torch.float32)):
+            args = dict(Q=torch.empty(0, dtype=dtype), BLOCK_D=head_dim, BLOCK_DV=head_dim,
+                        seqlen_q=4096, seqlen_k=4096)
+            kept = prune(space, {}, **args)
+            assert 1 <= len(kept) <= len(space)
+            assert all(_config.attention_keep(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
+                                              c.num_stages, head_dim, head_dim, dtype.itemsize)
+                       for c in kept)
+        wide = prune(space, {}, Q=torch.empty(0, dtype=torch.float32), BLOCK_D=256, BLOCK_DV=256,
+                     seqlen_q=4096, seqlen_k=4096)
+        narrow = prune(space, {}, Q=torch.empty(0, dtype=torch.float16), BLOCK_D=64, BLOCK_DV=64,
+                       seqlen_q=4096, seqlen_k=4096)
+        assert len(wide) < len(narrow)
+        short = prune(space, {}, Q=torch.empty(0, dtype=torch.float16), BLOCK_D=64, BLOCK_DV=64,
+                      seqlen_q=1, seqlen_k=4096)
+        assert len(short) >= 1
+    assert _config.attention_seqlen_bucket(1, 7) == 128
+    assert _config.attention_seqlen_bucket(1025, 7) == 2048
+    assert _config.attention_seqlen_bucket(10**6, 7) == 16384
+
+
+@needs_triton
+def test_opcheck_with_every_option():
+    b, h, hk, sq, sk, d = 1, 4, 2, 9, 13, 16
+    q, k, v = _inputs(b, h, hk, sq, sk, d)
+    bias = torch.randn(1, h, sq, 1)
+    slopes = torch.rand(b, h)
+    seed = torch.tensor([42], dtype=torch.int64)
+    fwd_args = (q, k, v, bias, slopes, seed, 0.3, 4, 2, False, 3.0, 0.25, "triton")
+    torch.library.opcheck(torch.ops.fastattn.attention_fwd.default, fwd_args)
+    out, lse = torch.ops.fastattn.attention_fwd(*fwd_args)
+    dout = torch.randn_like(out)
+    bwd_args = (dout, torch.randn_like(lse), q, k, v, out, lse, bias, slopes, seed, 0.3, 4, 2, False, 3.0,
+                0.25, True, "triton")
+    torch.library.opcheck(torch.ops.fastattn.attention_bwd.default, bwd_args)
+
+
+@needs_triton
+def test_compile_fullgraph_forward_and_backward_with_options():
+    torch._dynamo.reset()
+    b, h, hk, sq, sk, d = 1, 4, 2, 21, 17, 16
+    q, k, v = _inputs(b, h, hk, sq, sk, d)
+    bias = torch.randn(1, h, sq, sk)
+    slopes = torch.rand(h)
+
+    def f(q_, k_, v_, bias_):
+        out, lse = fastattn.attention(q_, k_, v_, attn_bias=bias_, causal=True, softcap=4.0, alibi_slopes=slopes,
+                                      window_size=(7, -1), return_lse=True, backend="triton")
+        return out.sum() + _finite(lse).sum()
+
+    eager = [t.detach().requires_grad_() for t in (q, k, v, bias)]
+    compiled_in = [t.detach().requires_grad_() for t in (q, k, v, bias)]
+    expected = f(*eager)
+    expected.backward()
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(*compiled_in)
+    got.backward()
+    torch.testing.assert_close(got, expected)
+    for a, e in zip(compiled_in, eager):
+        torch.testing.assert_close(a.grad, e.grad)
+
+
+@needs_triton
+def test_triton_refuses_what_it_cannot_serve():
+    q, k, v = _inputs(1, 2, 2, 5, 5, 264)
+    with pytest.raises(ValueError, match=r"backend 'triton' cannot serve .*head_dim up to 256, got head_dim 264"):
+        fastattn.attention(q, k, v, backend="triton")
+    q, k, v = _inputs(1, 2, 2, 5, 5, 64, head_dim_v=320)
+    with pytest.raises(ValueError, match=r"head_dim up to 256, .* and 320 \(v\)"):
+        fastattn.attention(q, k, v, backend="triton")
+    q, k, v = (t.double() for t in _inputs(1, 2, 2, 5, 5, 16))
+    with pytest.raises(ValueError, match="float16, bfloat16 or float32, got float64"):
+        fastattn.attention(q, k, v, backend="triton")
+    # auto still serves what triton refuses
+    assert fastattn.attention(q, k, v).dtype == torch.float64
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("bad,error,match", [
+    (lambda q, k, v: (q, k[..., :8], v), ValueError, "same head_dim"),
+    (lambda q, k, v: (q, k, v[:, :, :3]), ValueError, "k and v must agree"),
+    (lambda q, k, v: (q[:, :3], k, v), ValueError, r"heads of q \(3\) must be a multiple of kv_heads"),
+    (lambda q, k, v: (q[:1], k, v), ValueError, "same batch"),
+], ids=["head_dim", "kv_length", "gqa", "batch"])
+def test_mismatched_shapes_are_refused(backend, bad, error, match):
+    q, k, v = _inputs(2, 4, 2, 5, 6, 16)
+    with pytest.raises(error, match=match):
+        fastattn.attention(*bad(q, k, v), backend=backend)
+
+
+# ----------------------------------------------------------------------------- GPU
+
+GPU_HEAD_DIMS = (40, 64, 80, 96, 128, 192, 256)
+GPU_LENGTHS = ((1, 1), (1, 257), (7, 97), (97, 7), (257, 257), (1025, 1025), (257, 1025), (1025, 257))
+
+
+def _gpu_config(head_dim):
+    """A pinned config that fits every head dim (so the sweep does not autotune per case)."""
+    return "BLOCK_M=64,BLOCK_N=32,num_warps=4,num_stages=2" if head_dim > 128 else \
+        "BLOCK_M=64,BLOCK_N=64,num_warps=4,num_stages=2"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("head_dim", GPU_HEAD_DIMS)
+@pytest.mark.parametrize("lengths", GPU_LENGTHS, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gpu_sweep(dtype, head_dim, lengths, causal, monkeypatch):
+    monkeypatch.setenv(CONFIG_ENV, _gpu_config(head_dim))
+    q, k, v = _inputs(2, 4, 2, lengths[0], lengths[1], head_dim, device="cuda")
+    check_attention("triton", q, k, v, dtype=dtype, causal=causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("name", list(_option_cases()))
+def test_gpu_options(dtype, name, monkeypatch):
+    monkeypatch.setenv(CONFIG_ENV, _gpu_config(64))
+    options = {key: value.cuda() if isinstance(value, torch.Tensor) else value
+               for key, value in _option_cases()[name].items()}
+    q, k, v = _inputs(*SMALL, device="cuda")
+    check_attention("triton", q, k, v, dtype=dtype, **options)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_gpu_dropout_and_sdpa(dtype, monkeypatch):
+    monkeypatch.setenv(CONFIG_ENV, _gpu_config(64))
+    batch, heads, _, seqlen_q, seqlen_k, _ = SMALL
+    q, k, v = _inputs(*SMALL, device="cuda")
+    torch.manual_seed(7)
+    seed = draw_rng_seed()
+    keep = _kernels().dropout_keep_mask(batch, heads, seqlen_q, seqlen_k, 0.3, seed, q.device)
+    check_attention("triton", q, k, v, dtype=dtype, dropout_p=0.3, dropout_mask=keep, seed=7, causal=True)
+    q, k, v = _inputs(2, 8, 2, 300, 257, 128, device="cuda")
+    check_attention("triton", q, k, v, dtype=dtype, sdpa=True, is_causal=True, enable_gqa=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gpu_autotuned_large(head_dim, causal, monkeypatch):
+    """No pinned config: the autotuner picks per kernel; bf16, lengths past one bucket."""
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    q, k, v = _inputs(2, 16, 4, 2048, 2048, head_dim, device="cuda")
+    check_attention("triton", q, k, v, dtype=torch.bfloat16, causal=causal)
+
+
+@pytest.mark.gpu
+def test_gpu_backward_is_bitwise_deterministic():
+    q, k, v = _inputs(2, 8, 2, 1000, 1000, 128, device="cuda")
+    bias = torch.randn(1, 8, 1000, 1000, device="cuda")
+
+    def grads():
+        leaves = [t.detach().to(torch.bfloat16).requires_grad_() for t in (q, k, v, bias)]
+        out = fastattn.attention(*leaves[:3], attn_bias=leaves[3], causal=True, backend="triton")
+        return torch.autograd.grad(out, leaves, torch.ones_like(out))
+
+    first, second = grads(), grads()
+    for a, b_ in zip(first, second):
+        assert torch.equal(a, b_)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gpu_fp32_uses_ieee_dots(head_dim, monkeypatch):
+    monkeypatch.setenv(CONFIG_ENV, "BLOCK_M=32,BLOCK_N=32,num_warps=4,num_stages=1")
+    q, k, v = _inputs(2, 4, 2, 257, 300, head_dim, device="cuda")
+    check_attention("triton", q, k, v, dtype=torch.float32, causal=True)
+
+
+def test_backends_listed_here_are_the_ones_that_run():
+    assert set(CPU_BACKENDS) <= set(backends.CONCRETE_BACKENDS)
+    assert "naive" in CPU_BACKENDS and "torch" in CPU_BACKENDS
