@@ -12,10 +12,12 @@ import torch
 from fastattn import reference
 from fastattn.bench import counting, report, results, timing
 from fastattn.bench.cli import main as bench_main
-from fastattn.bench.harness import OpRunner, RunConfig, classify, max_abs_error, rotation_count
+from fastattn.bench.harness import OpRunner, RunConfig, classify, rotation_count
+from fastattn.bench.reference import RowChunkedReference, StoredReference, max_abs_error
 from fastattn.bench.run import expand_ops, run_benchmarks
-from fastattn.bench.spec import Provider, Skip, rows_chunked_reference
+from fastattn.bench.spec import Provider, Skip
 from fastattn.bench.specs import attention as attention_spec
+from fastattn.bench.specs import norms as norms_spec
 from fastattn.bench.specs import get_spec
 
 TARGETS_KEYS = {"op", "mode", "provider", "shape", "dtype", "ms_p50", "ms_p20", "ms_p80", "fraction_of_ceiling",
@@ -60,7 +62,8 @@ def test_norm_bytes_by_hand():
     # fp16: x in + y out, weight and bias once
     assert counting.work("layer_norm", shape, "fwd", torch.float16) == 8 * 16 * 2 * 2 + 2 * 16 * 2 == 576
     # x, dy in + dx out, mean and rstd (fp32), weight and bias read and their grads written
-    assert counting.work("layer_norm", shape, "bwd", torch.float16) == 8 * 16 * 2 * 3 + 8 * 4 * 2 + 2 * 2 * 16 * 2 == 960
+    expected = 8 * 16 * 2 * 3 + 8 * 4 * 2 + 2 * 2 * 16 * 2
+    assert counting.work("layer_norm", shape, "bwd", torch.float16) == expected == 960
     assert counting.work("layer_norm", shape, "full", torch.float16) == 576 + 960
     # with a residual: residual in and residual out too
     assert counting.work("layer_norm", dict(shape, residual=True), "fwd", torch.float16) == 8 * 16 * 2 * 4 + 64
@@ -108,18 +111,18 @@ def test_attention_reference_chunks_agree_with_one_pass(monkeypatch):
     shape = dict(batch=2, heads=6, kv_heads=2, seqlen_q=9, seqlen_k=9, head_dim=8, causal=True)
     inputs = spec.make_inputs(shape, torch.float32, torch.device("cpu"), torch.Generator().manual_seed(0))
     dout = torch.randn(spec.output_shape(shape))
-    whole = spec.reference(inputs, shape, dout)
-    monkeypatch.setattr(attention_spec, "REFERENCE_SCORES_BUDGET", 9 * 9)  # one q head at a time
-    chunked = spec.reference(inputs, shape, dout)
-    torch.testing.assert_close(chunked[0][0], whole[0][0])
-    for name in ("q", "k", "v"):
-        torch.testing.assert_close(chunked[1][name], whole[1][name])
+    whole = spec.reference(inputs, shape, dout).tensors
+    monkeypatch.setattr(attention_spec, "REFERENCE_SCORES_BUDGET", 9 * 9)  # one kv head at a time
+    chunked = spec.reference(inputs, shape, dout).tensors
+    assert set(chunked) == {"out0", "grad_q", "grad_k", "grad_v"}
+    for key in chunked:
+        torch.testing.assert_close(chunked[key], whole[key])
     leaves = [inputs[n].clone().requires_grad_() for n in ("q", "k", "v")]
     out = reference.attention(*leaves, causal=True)
-    torch.testing.assert_close(whole[0][0], out.detach())
+    torch.testing.assert_close(whole["out0"], out.detach())
     expected = torch.autograd.grad(out, leaves, dout)
     for name, grad in zip(("q", "k", "v"), expected):
-        torch.testing.assert_close(whole[1][name], grad)
+        torch.testing.assert_close(whole[f"grad_{name}"], grad)
 
 
 def test_row_chunked_reference_sums_weight_gradients():
@@ -129,14 +132,25 @@ def test_row_chunked_reference_sums_weight_gradients():
     fn = lambda x, weight, bias, residual: reference.layer_norm(x, weight, bias, residual=residual, prenorm=True)
     inputs = {"x": x, "weight": weight, "bias": bias, "residual": residual}
     names = ("x", "weight", "bias", "residual")
-    outs, grads = rows_chunked_reference(fn, inputs, ("x", "residual"), 10, 3, dout, names)
+    chunked = RowChunkedReference(fn, inputs, ("x", "residual"), 10, 3, dout, names, n_outputs=2)
+    outs, grads = chunked.materialize()
     leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
     y, summed = fn(**leaves)
-    expected = torch.autograd.grad(y, [leaves[n] for n in names], dout)
+    expected = dict(zip(names, torch.autograd.grad(y, [leaves[n] for n in names], dout)))
     torch.testing.assert_close(outs[0], y.detach())
     torch.testing.assert_close(outs[1], summed.detach())
-    for name, grad in zip(names, expected):
-        torch.testing.assert_close(grads[name], grad)
+    for name in names:
+        torch.testing.assert_close(grads[name], expected[name])
+    # Comparing chunk by chunk gives what the stored reference gives.
+    stored = StoredReference(outs, grads)
+    values = {"out0": y.detach() + 0.25, "out1": summed.detach(), "grad_weight": expected["weight"] * 2,
+              "grad_x": expected["x"][:5]}
+    streamed, kept = chunked.compare(values), stored.compare(values)
+    assert set(streamed) == set(kept) == set(values)
+    for key in values:
+        assert streamed[key] == pytest.approx(kept[key], rel=1e-5), key
+    assert streamed["out0"][0] == pytest.approx(0.25) and streamed["out1"][0] == 0.0
+    assert streamed["grad_x"][0] == math.inf  # wrong shape
 
 
 def test_max_abs_error_flags_shape_and_non_finite():
@@ -175,7 +189,11 @@ def _skipping(shape, dtype, device):
     raise Skip("needs a feature this case lacks")
 
 
-def test_wrong_provider_is_reported_failed_and_not_timed():
+@pytest.mark.parametrize("streamed_reference", [False, True])
+def test_wrong_provider_is_reported_failed_and_not_timed(monkeypatch, streamed_reference):
+    if streamed_reference:  # the reference recomputed chunk by chunk, as for large norms on a GPU
+        monkeypatch.setattr(norms_spec, "STORE_LIMIT_BYTES", 0)
+        monkeypatch.setattr(norms_spec, "REFERENCE_CHUNK_ELEMENTS", 3 * 256)
     spec = get_spec("layer_norm")
     records = []
     config = RunConfig(device=torch.device("cpu"), dtype=torch.float32, sweep="cpu-quick",
@@ -183,7 +201,10 @@ def test_wrong_provider_is_reported_failed_and_not_timed():
                        timer=timing.CPU_QUICK,
                        extra_providers={"layer_norm": {"wrong": _wrong_layer_norm, "raises": _raising,
                                                        "skips": _skipping}})
-    OpRunner(spec, config, records.append).run()
+    runner = OpRunner(spec, config, records.append)
+    case = runner.setup_case(spec.sweep("cpu-quick")[0])
+    assert type(case.reference).__name__ == ("RowChunkedReference" if streamed_reference else "StoredReference")
+    runner.run()
     outcomes = {(r["mode"], r["provider"]): r["outcome"] for r in records}
     assert len(outcomes) == 8
     for mode in ("fwd", "bwd"):

@@ -65,10 +65,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else None
     if args.list:
         return _list(expand_ops(ops), default_sweep(device, args.quick), args)
-    run_benchmarks(ops, out=args.out, device=device, dtype=dtype, quick=args.quick,
-                   providers=_split(args.providers), modes=_split(args.modes), max_cases=args.max_cases,
-                   time_budget_s=args.time_budget, progress=not args.no_progress, plots=not args.no_plots)
-    return 0
+    output = run_benchmarks(ops, out=args.out, device=device, dtype=dtype, quick=args.quick,
+                            providers=_split(args.providers), modes=_split(args.modes), max_cases=args.max_cases,
+                            time_budget_s=args.time_budget, progress=not args.no_progress,
+                            plots=not args.no_plots)
+    return 1 if output.aborted else 0
 
 
 def _list(spec_names, sweep, args) -> int:
@@ -87,7 +88,8 @@ def _list(spec_names, sweep, args) -> int:
         chosen_modes = [m for m in spec.modes if modes is None or m in modes]
         count = len(shapes) * len(chosen_modes) * len(names)
         total += count
-        print(f"{name}: {len(shapes)} shapes × modes {','.join(chosen_modes)} × providers {','.join(names)} = {count}")
+        print(f"{name}: {len(shapes)} shapes × modes {','.join(chosen_modes)} × providers {','.join(names)} "
+              f"= {count}")
         for shape in shapes:
             print(f"    {spec.label(shape)}")
     print(f"sweep {sweep}: {total} measurements planned")

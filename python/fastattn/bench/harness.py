@@ -25,19 +25,18 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from . import counting, timing
+from . import timing
+from .reference import Reference
 from .spec import OpSpec, Provider, ProviderFactory, Skip
 
 RTOL = {torch.float64: 1e-9, torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 4e-2}
 FACTOR, GRAD_FACTOR = 2.0, 3.0
 ROTATE_MAX = 8
-REFERENCE_ON_DEVICE_BYTES = 2**30
-COMPARE_CHUNK = 2**26
 
 
 @dataclass
@@ -95,33 +94,6 @@ def _as_tuple(out) -> tuple:
     return out if isinstance(out, tuple) else (out,)
 
 
-def max_abs_error(value: Tensor, ref: Tensor) -> float:
-    """max |value - ref| in fp32, chunked; inf if value has a NaN/inf or a wrong shape."""
-    if tuple(value.shape) != tuple(ref.shape):
-        return math.inf
-    flat_v, flat_r = value.detach().reshape(-1), ref.reshape(-1)
-    worst = 0.0
-    for start in range(0, flat_v.numel(), COMPARE_CHUNK):
-        v = flat_v[start : start + COMPARE_CHUNK].float()
-        r = flat_r[start : start + COMPARE_CHUNK].to(v.device)
-        if not bool(torch.isfinite(v).all()):
-            return math.inf
-        worst = max(worst, float((v - r).abs().max()))
-    return worst
-
-
-def max_abs(t: Tensor) -> float:
-    flat = t.reshape(-1)
-    return max((float(flat[s : s + COMPARE_CHUNK].abs().max()) for s in range(0, flat.numel(), COMPARE_CHUNK)),
-               default=0.0)
-
-
-@dataclass
-class Reference:
-    tensors: dict  # "out0", "out1", ..., "grad_<name>" -> fp32 tensor
-    scales: dict  # same keys -> max |ref|
-
-
 @dataclass
 class Case:
     """One shape, set up: inputs (copies to rotate through), dout, fp32 reference, and
@@ -132,6 +104,19 @@ class Case:
     reference: Reference
     dout: Optional[Tensor]
     naive_errors: dict = field(default_factory=dict)
+
+
+class DeviceLost(RuntimeError):
+    """A CUDA error that leaves the context unusable (illegal address, device assert):
+    nothing more can be measured in this process."""
+
+
+STICKY_CUDA_ERRORS = ("illegal memory access", "device-side assert", "unspecified launch failure",
+                      "illegal instruction", "misaligned address", "an illegal", "CUDA error: launch failure")
+
+
+def _sticky_cuda_error(reason: Optional[str]) -> bool:
+    return bool(reason) and any(s in reason for s in STICKY_CUDA_ERRORS)
 
 
 BUDGET_REASON = "the run's time budget was used up (--time-budget)"
@@ -200,13 +185,18 @@ class OpRunner:
                     progress.set_postfix_str(f"{mode} {name} {self.spec.label(shape)}", refresh=False)
                 if self._over_budget():
                     outcome = Outcome("skipped", BUDGET_REASON)
-                elif self.device.type == "cpu" and name.endswith("-compile") and name not in (self.config.providers or ()):
+                elif self._compile_on_cpu_unasked(name):
                     outcome = Outcome("skipped", CPU_COMPILE_REASON)
                 else:
                     outcome = self.measure(case, mode, name, factory)
                 self._emit(shape, mode, name, outcome)
                 _tick(progress)
+                if outcome.status == "error" and self.device.type == "cuda" and _sticky_cuda_error(outcome.reason):
+                    raise DeviceLost(f"{self.spec.name} {mode} {name} {self.spec.label(shape)}: {outcome.reason}")
         del case
+
+    def _compile_on_cpu_unasked(self, name: str) -> bool:
+        return self.device.type == "cpu" and name.endswith("-compile") and name not in (self.config.providers or ())
 
     def _emit_all(self, shape, outcome: Outcome, progress) -> None:
         for mode in self.modes():
@@ -231,12 +221,7 @@ class OpRunner:
         if not self.spec.self_contained and any(m != "fwd" for m in self.modes()):
             dout = torch.randn(self.spec.output_shape(shape), generator=generator, device=self.device,
                                dtype=torch.float32).to(self.dtype)
-        outs, grads = self.spec.reference(inputs, shape, dout)
-        tensors = {f"out{i}": t for i, t in enumerate(outs)}
-        tensors.update({f"grad_{n}": g for n, g in grads.items()})
-        if self.device.type == "cuda" and sum(t.numel() * 4 for t in tensors.values()) > REFERENCE_ON_DEVICE_BYTES:
-            tensors = {k: t.cpu() for k, t in tensors.items()}
-        reference = Reference(tensors, {k: max_abs(t) for k, t in tensors.items()})
+        reference = self.spec.reference(inputs, shape, dout)
         return Case(shape, input_sets, reference, dout)
 
     def measure(self, case: "Case", mode: str, name: str, factory: ProviderFactory) -> Outcome:
@@ -296,15 +281,14 @@ class OpRunner:
         if not provider.checked:
             return Outcome("ok", note=provider.note or "not checked: not the op itself")
         outs, grads = result
-        pairs = []
-        if mode in ("fwd", "full"):
-            pairs += [(f"out{i}", t) for i, t in enumerate(outs) if f"out{i}" in reference.tensors]
-        if mode in ("bwd", "full"):
-            pairs += [(f"grad_{n}", g) for n, g in grads.items()]
+        values = {f"out{i}": t for i, t in enumerate(outs)}
+        values.update((f"grad_{n}", g) for n, g in grads.items())
+        wanted = sorted(k for k in reference.keys
+                        if (k.startswith("out") and mode in ("fwd", "full"))
+                        or (k.startswith("grad_") and mode in ("bwd", "full")))
+        compared = reference.compare({k: values.get(k) for k in wanted})  # missing: None, an error
         errors, worst, worst_rel, failures = {}, 0.0, 0.0, []
-        for key, value in pairs:
-            ref, scale = reference.tensors[key], reference.scales[key]
-            err = math.inf if value is None else max_abs_error(value, ref)
+        for key, (err, scale) in compared.items():
             errors[key] = err
             worst = max(worst, err)
             worst_rel = max(worst_rel, err / scale if scale > 0 else (0.0 if err == 0 else math.inf))
@@ -313,7 +297,8 @@ class OpRunner:
             if naive_errors and key in naive_errors and math.isfinite(naive_errors[key]):
                 tol = max(tol, factor * naive_errors[key])
             if not err <= tol:
-                what = "wrong shape or non-finite values" if math.isinf(err) else f"max error {err:.3g} > tolerance {tol:.3g}"
+                what = ("wrong shape or non-finite values" if math.isinf(err)
+                        else f"max error {err:.3g} > tolerance {tol:.3g}")
                 failures.append(f"{_tensor_name(key)}: {what}")
         return Outcome("ok" if not failures else "failed",
                        reason=("wrong result vs the fp32 reference: " + "; ".join(failures)) if failures else None,

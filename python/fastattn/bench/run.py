@@ -21,7 +21,7 @@ import torch
 
 from . import ceilings as ceilings_module
 from . import environment, timing
-from .harness import OpRunner, RunConfig
+from .harness import DeviceLost, OpRunner, RunConfig
 from .plots import plot_op
 from .results import ResultsWriter, make_row, markdown_report
 from .specs import OPS, get_spec
@@ -46,6 +46,7 @@ class RunOutput:
     plots: list = field(default_factory=list)
     header: dict = field(default_factory=dict)
     rows: list = field(default_factory=list)
+    aborted: Optional[str] = None  # why the run stopped early (a broken CUDA context)
 
 
 def expand_ops(names: Sequence[str]) -> list[str]:
@@ -124,6 +125,16 @@ def run_benchmarks(
         try:
             for spec, deadline in _with_deadlines(specs, time_budget_s, started):
                 _run_spec(spec, config, writer, output, deadline, progress=progress, plots=plots, stem=stem)
+        except DeviceLost as exc:
+            output.aborted = (f"run stopped: a provider broke the CUDA context ({exc}); rerun without it "
+                              "(--providers) to measure the rest")
+            header["notes"].append(output.aborted)
+            log(output.aborted)
+            if plots:
+                for spec in specs:
+                    png = plot_op(header, writer.rows, spec.name, directory / f"{stem}-{spec.name}.png")
+                    if png is not None and png not in output.plots:
+                        output.plots.append(png)
         finally:
             writer.close()
             output.markdown.write_text(markdown_report(header, writer.rows), encoding="utf-8")
@@ -201,7 +212,8 @@ def _log_summary(output: RunOutput, seconds: float, log) -> None:
     log(f"done in {seconds:.0f} s: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
     for row in output.rows:
         if row["status"] in ("failed", "error"):
-            log(f"  {row['status'].upper()} {row['op']} {row['mode']} {row['provider']} {row['shape']}: {row['reason']}")
+            log(f"  {row['status'].upper()} {row['op']} {row['mode']} {row['provider']} {row['shape']}: "
+                f"{row['reason']}")
     log(f"results: {output.jsonl}")
     log(f"table:   {output.markdown}")
     for png in output.plots:

@@ -11,7 +11,6 @@ logical shapes. A provider that cannot serve a shape raises `Skip(reason)`.
 from __future__ import annotations
 
 import contextlib
-import functools
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -19,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from .reference import Reference, RowChunkedReference
 
 SWEEPS = ("full", "quick", "cpu", "cpu-quick")
 
@@ -85,10 +85,9 @@ class OpSpec:
         """The shape of the first output (the one backward starts from)."""
         raise NotImplementedError
 
-    def reference(self, inputs: dict, shape: Mapping, dout: Optional[Tensor]
-                  ) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
-        """fp32 outputs, and (when dout is given) fp32 gradients of the first output
-        for `grad_names`, from fp32 copies of `inputs`."""
+    def reference(self, inputs: dict, shape: Mapping, dout: Optional[Tensor]) -> Reference:
+        """The fp32 reference of the outputs, and (when dout is given) of the gradients
+        of the first output for `grad_names`, from fp32 copies of `inputs`."""
         raise NotImplementedError
 
     def input_bytes(self, inputs: dict) -> int:
@@ -120,32 +119,9 @@ def upcast(inputs: Mapping) -> dict:
 def rows_chunked_reference(fn: Callable, inputs: Mapping, row_names: Sequence[str], rows: int,
                            chunk: int, dout: Optional[Tensor], grad_names: Sequence[str]
                            ) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
-    """fn(**inputs) in fp32, `chunk` rows at a time along dim 0 of the `row_names`
-    tensors and of every output (row-independent ops: norms, FFN). Gradients of the
-    first output: row tensors' are concatenated, shared tensors' (weights) summed."""
-    full = upcast(inputs)
-    out_parts: list[list[Tensor]] = []
-    grad_parts: dict[str, list[Tensor]] = {name: [] for name in grad_names}
-    for start in range(0, rows, chunk):
-        size = min(chunk, rows - start)
-        part = {k: (v.narrow(0, start, size) if k in row_names and v is not None else v) for k, v in full.items()}
-        wanted = [n for n in grad_names if part.get(n) is not None] if dout is not None else []
-        for n in wanted:
-            part[n] = part[n].detach().requires_grad_()
-        with torch.enable_grad():
-            outs = fn(**part)
-            outs = outs if isinstance(outs, tuple) else (outs,)
-            if wanted:
-                grads = torch.autograd.grad(outs[0], [part[n] for n in wanted], dout.narrow(0, start, size).float())
-                for n, g in zip(wanted, grads):
-                    grad_parts[n].append(g)
-        out_parts.append([o.detach() for o in outs])
-    outputs = tuple(torch.cat([p[i] for p in out_parts]) for i in range(len(out_parts[0])))
-    gradients = {}
-    for n, parts in grad_parts.items():
-        if parts:
-            gradients[n] = torch.cat(parts) if n in row_names else functools.reduce(torch.add, parts)
-    return outputs, gradients
+    """fn(**inputs) in fp32 computed `chunk` rows at a time: (outputs, gradients of the
+    first output), materialized (see reference.RowChunkedReference)."""
+    return RowChunkedReference(fn, inputs, row_names, rows, chunk, dout, grad_names, n_outputs=0).materialize()
 
 
 # ----------------------------------------------------------------------------- providers

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from ... import reference
 from ...ops import attention as attention_op
+from ..reference import StoredReference
 from ..spec import (
     SDPA_PROVIDERS,
     OpSpec,
@@ -80,7 +81,7 @@ class AttentionSpec(OpSpec):
                                                          dout[bs, qs].float())
                         grads["q"][bs, qs], grads["k"][bs, ks], grads["v"][bs, ks] = dq, dk, dv
                 out[bs, qs] = o.detach()
-        return (out,), grads
+        return StoredReference((out,), grads)
 
     def label(self, shape):
         causal = "causal" if shape["causal"] else "non-causal"

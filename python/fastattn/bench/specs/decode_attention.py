@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from ... import reference
 from ...ops import decode_attention as decode_op
+from ..reference import StoredReference
 from ..spec import (
     SDPA_PROVIDERS,
     OpSpec,
@@ -70,7 +71,7 @@ class DecodeSpec(OpSpec):
             k = reference.gather_kv_cache(k_cache, b, length, table).unsqueeze(0).float()  # (1, hk, L, d)
             v = reference.gather_kv_cache(v_cache, b, length, table).unsqueeze(0).float()  # (1, hk, L, dv)
             out[b : b + 1] = reference.attention(q[b : b + 1].float(), k, v, causal=True)
-        return (out,), {}
+        return StoredReference((out,), {})
 
     def label(self, shape):
         paged = f" paged({shape['page_size']})" if shape["page_size"] else ""

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from ... import reference
 from ...ops import ffn as ffn_op
 from ...ops import gated_ffn as gated_ffn_op
+from ..reference import StoredReference
 from ..spec import (
     OpSpec,
     Provider,
@@ -73,8 +74,9 @@ class FfnSpec(OpSpec):
         return (shape["tokens"], shape["d_model"])
 
     def reference(self, inputs, shape, dout):
-        return rows_chunked_reference(self.naive_fn(shape["activation"]), inputs, ("x",), shape["tokens"],
-                                      REFERENCE_CHUNK_TOKENS, dout, self.grad_names)
+        return StoredReference(*rows_chunked_reference(self.naive_fn(shape["activation"]), inputs, ("x",),
+                                                       shape["tokens"], REFERENCE_CHUNK_TOKENS, dout,
+                                                       self.grad_names))
 
     def label(self, shape):
         return f"M={shape['tokens']} d={shape['d_model']} h={shape['d_hidden']} {shape['activation']}"

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from ... import backends
+from ..reference import StoredReference
 from ..spec import OpSpec, Provider, Skip, compile_settings
 from ..timing import TimerSettings
 
@@ -77,7 +78,9 @@ class ModelSpec(OpSpec):
         if self.train:
             inputs["targets"] = torch.randint(0, config.vocab_size, idx.shape, generator=generator, device=device)
         # One set of fp32 weights (seeded) that every provider loads.
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+            if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda_devices):
             torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator, device=device)))
             model = models.GPT(config, backend="naive", device=device)
         inputs["weights"] = {k: v.detach() for k, v in model.state_dict().items()}
@@ -92,7 +95,7 @@ class ModelSpec(OpSpec):
         model.load_state_dict(inputs["weights"])
         with torch.no_grad():
             logits, _ = model(inputs["check_idx"])
-        return (logits.float(),), {}
+        return StoredReference((logits.float(),), {})
 
     def label(self, shape):
         if self.train:
@@ -145,7 +148,8 @@ def _provider(name: str, train: bool):
                 return generate(model, x["idx"], shape["new_tokens"], temperature=0.0)
 
         return Provider(name, fn, prepare=load, check_fn=check,
-                        note=f"GPT {shape['preset']}, backend={backend}" + (", torch.compile" if forward is not model else ""))
+                        note=f"GPT {shape['preset']}, backend={backend}"
+                        + (", torch.compile" if forward is not model else ""))
 
     return factory
 

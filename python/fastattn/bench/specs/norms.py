@@ -9,21 +9,22 @@ import torch.nn.functional as F
 from ... import reference
 from ...ops import layer_norm as layer_norm_op
 from ...ops import rms_norm as rms_norm_op
+from ..reference import RowChunkedReference, StoredReference
 from ..spec import (
     OpSpec,
     Provider,
-    Skip,
     compiled,
     fastattn_backend_check,
     optional_import,
     randn,
     require_cuda,
-    rows_chunked_reference,
 )
 
 EPS = {"layer_norm": 1e-5, "rms_norm": 1e-6}
-# Rows the fp32 reference handles at once: about 256 MiB per fp32 tensor.
+# Elements the fp32 reference handles at once (256 MiB per fp32 tensor), and the size of
+# one fp32 output above which the reference is recomputed at each check, not stored.
 REFERENCE_CHUNK_ELEMENTS = 2**26
+STORE_LIMIT_BYTES = 2**29
 
 
 def _shape(rows, hidden, residual):
@@ -59,10 +60,12 @@ class NormSpec(OpSpec):
         return (shape["rows"], shape["hidden"])
 
     def reference(self, inputs, shape, dout):
-        rows = shape["rows"]
-        chunk = max(1, REFERENCE_CHUNK_ELEMENTS // shape["hidden"])
-        return rows_chunked_reference(self.naive_fn(EPS[self.name]), inputs, ("x", "residual"), rows, chunk,
-                                      dout, self.grad_names)
+        rows, hidden = shape["rows"], shape["hidden"]
+        chunked = RowChunkedReference(self.naive_fn(EPS[self.name]), inputs, ("x", "residual"), rows,
+                                      max(1, REFERENCE_CHUNK_ELEMENTS // hidden), dout, self.grad_names, n_outputs=2)
+        if rows * hidden * 4 > STORE_LIMIT_BYTES:
+            return chunked  # recomputed chunk by chunk at each comparison: nothing big kept
+        return StoredReference(*chunked.materialize())
 
     def label(self, shape):
         return f"{shape['rows']}x{shape['hidden']}" + (" +residual" if shape["residual"] else "")
