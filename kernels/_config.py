@@ -133,9 +133,10 @@ def layer_norm_launch_config(hidden: int, backward: bool) -> tuple[int, Optional
 #
 # Every kernel of kernels/ffn.py is a tiled GEMM C (M, N) = A (M, K)·B (K, N) plus an
 # epilogue. The tuned parameters are the tile (BLOCK_M, BLOCK_N, BLOCK_K), GROUP_M (tile
-# rows visited together for L2 reuse), num_warps and num_stages, keyed on (M, N, K)
-# (Triton adds the operand dtypes to the key). FASTATTN_FFN_CONFIG pins one config for
-# all of them, e.g.
+# rows visited together for L2 reuse), num_warps and num_stages, keyed on the
+# power-of-2 buckets of (M, N, K) (Triton adds the operand dtypes to the key), so that a
+# new token count does not retune. FASTATTN_FFN_CONFIG pins one config for all of
+# them, e.g.
 #     FASTATTN_FFN_CONFIG="BLOCK_M=64,BLOCK_N=64,BLOCK_K=32,GROUP_M=8,num_warps=4,num_stages=3"
 # where keys left out take FFN_DEFAULT's values. Under the Triton interpreter
 # FFN_INTERPRETER_CONFIG is used without tuning (small tiles, so that the test shapes

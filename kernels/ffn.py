@@ -239,7 +239,7 @@ def _tile_ptrs(
 # ----------------------------------------------------------------------------- kernels
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["TUNE_KEY"])
 def _ffn_fwd_kernel(
     A,  # (M, K) input rows: x, or act(H) for the second GEMM
     B,  # (K, N) Wᵀ, read through the nn.Linear weight's strides
@@ -249,6 +249,7 @@ def _ffn_fwd_kernel(
     M,  # tokens
     N,  # output features
     K,  # input features
+    TUNE_KEY,  # autotune key only: power-of-2 buckets of (M, N, K); unused
     stride_am,
     stride_ak,
     stride_bk,
@@ -287,7 +288,7 @@ def _ffn_fwd_kernel(
         tl.store(out_ptrs, out.to(OUT.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["TUNE_KEY"])
 def _gated_ffn_fwd_kernel(
     X,  # (M, K) tokens
     B_GATE,  # (K, N) W_gateᵀ, read through the weight's strides
@@ -298,6 +299,7 @@ def _gated_ffn_fwd_kernel(
     M,  # tokens
     N,  # hidden features
     K,  # model features
+    TUNE_KEY,  # autotune key only: power-of-2 buckets of (M, N, K); unused
     stride_xm,
     stride_xk,
     stride_gk,
@@ -337,7 +339,7 @@ def _gated_ffn_fwd_kernel(
                  mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["TUNE_KEY"])
 def _ffn_bwd_dact_kernel(
     DY,  # (M, K) gradient of y
     W,  # (K, N) W2 as stored, (d_out, d_hidden)
@@ -347,6 +349,7 @@ def _ffn_bwd_dact_kernel(
     M,  # tokens
     N,  # hidden features
     K,  # output features
+    TUNE_KEY,  # autotune key only: power-of-2 buckets of (M, N, K); unused
     stride_dym,
     stride_dyk,
     stride_wk,
@@ -372,16 +375,17 @@ def _ffn_bwd_dact_kernel(
     dact = _mm_loop(dact, DY, stride_dym, stride_dyk, W, stride_wk, stride_wn, offs_m, offs_n, M, N, K,
                     BLOCK_K, DOT_PRECISION)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    dact = dact.to(DPRE.dtype.element_ty)
     pre = tl.load(_tile_ptrs(PRE, stride_prem, stride_pren, offs_m, offs_n), mask=mask, other=0.0)
     act, act_grad = _activation_and_grad(pre.to(tl.float32), ACTIVATION)
     tl.store(_tile_ptrs(DPRE, stride_dprem, stride_dpren, offs_m, offs_n),
-             (dact * act_grad).to(DPRE.dtype.element_ty), mask=mask)
+             (dact.to(tl.float32) * act_grad).to(DPRE.dtype.element_ty), mask=mask)
     if STORE_ACT:
         tl.store(_tile_ptrs(ACT, stride_actm, stride_actn, offs_m, offs_n), act.to(ACT.dtype.element_ty),
                  mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["TUNE_KEY"])
 def _gated_ffn_bwd_dgated_kernel(
     DY,  # (M, K) gradient of y
     W,  # (K, N) W_down as stored, (d_out, d_hidden)
@@ -393,6 +397,7 @@ def _gated_ffn_bwd_dgated_kernel(
     M,  # tokens
     N,  # hidden features
     K,  # output features
+    TUNE_KEY,  # autotune key only: power-of-2 buckets of (M, N, K); unused
     stride_dym,
     stride_dyk,
     stride_wk,
@@ -421,6 +426,7 @@ def _gated_ffn_bwd_dgated_kernel(
     dprod = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     dprod = _mm_loop(dprod, DY, stride_dym, stride_dyk, W, stride_wk, stride_wn, offs_m, offs_n, M, N, K,
                      BLOCK_K, DOT_PRECISION)
+    dprod = dprod.to(DGATE.dtype.element_ty).to(tl.float32)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     gate = tl.load(_tile_ptrs(GATE, stride_gatem, stride_gaten, offs_m, offs_n), mask=mask, other=0.0)
     up = tl.load(_tile_ptrs(UP, stride_upm, stride_upn, offs_m, offs_n), mask=mask, other=0.0).to(tl.float32)
@@ -434,7 +440,7 @@ def _gated_ffn_bwd_dgated_kernel(
                  (act * up).to(PROD.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["TUNE_KEY"])
 def _ffn_bwd_gemm_kernel(
     A1,  # (M, K) left operand: dyᵀ or dHᵀ (weight gradients, K = tokens), or dH (dx)
     B1,  # (K, N) right operand: act(H) or x (weight gradients), or W1 (dx)
@@ -445,6 +451,7 @@ def _ffn_bwd_gemm_kernel(
     M,
     N,
     K,
+    TUNE_KEY,  # autotune key only: power-of-2 buckets of (M, N, K); unused
     stride_a1m,
     stride_a1k,
     stride_b1k,
@@ -508,7 +515,7 @@ def _autotuned(name: str):
         accumulators = 2 if name in _TWO_ACCUMULATORS else 1
         _tuned[name] = triton.autotune(
             configs=_config.ffn_configs(accumulators),
-            key=["M", "N", "K"],
+            key=["TUNE_KEY"],
             prune_configs_by={"early_config_prune": _config.ffn_prune_for_inputs(accumulators)},
         )(_KERNELS[name])
     return _tuned[name]
@@ -525,9 +532,15 @@ def _launch(name: str, M: int, N: int, **args) -> None:
 
     pinned = _config.ffn_pinned_config()
     if pinned is not None:
-        _KERNELS[name][grid](M=M, N=N, **args, **pinned)
+        _KERNELS[name][grid](M=M, N=N, TUNE_KEY=0, **args, **pinned)
     else:
-        _autotuned(name)[grid](M=M, N=N, **args)
+        _autotuned(name)[grid](M=M, N=N, TUNE_KEY=_tune_key(M, N, args["K"]), **args)
+
+
+def _tune_key(M: int, N: int, K: int) -> int:
+    """Calls whose M, N and K round up to the same powers of 2 share one tuned config
+    (token counts vary from call to call; tuning each one would stall)."""
+    return ((M - 1).bit_length() << 12) | ((N - 1).bit_length() << 6) | max(K - 1, 0).bit_length()
 
 
 def tf32_allowed() -> bool:
