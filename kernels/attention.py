@@ -33,12 +33,17 @@ Backward, with dO the output gradient and dlse the gradient of lse (0 if absent)
     dbias = dX summed over the broadcast dims of the bias (programs over bias tiles)
 P is recomputed from lse, Z from (seed, position): nothing N² is stored, and no
 program adds into memory another program writes, so the backward is deterministic.
+
+Packed variable-length sequences (fastattn.varlen_attention) run the same kernels with
+IS_VARLEN: b indexes the sequences of cu_seqlens_q/k, a program reads its sequence's
+first rows and lengths from them (seqlen_q, seqlen_k become per sequence, off =
+seqlen_k - seqlen_q bottom-right), offsets its q/k/v/out/grad pointers by those rows
+(the batch strides are 0) and exits if its tile lies past the sequence's end; lse,
+Delta and Lse2 are (heads, total_q). i, j and b·heads + h of the formulas above are
+the positions and sequence index inside the packed batch, dropout included.
 """
 
 from __future__ import annotations
-
-import math
-from typing import Optional
 
 import torch
 import triton
@@ -46,8 +51,8 @@ import triton.language as tl
 
 from . import _config
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)  # scores enter exp2 as x·log2e
+LN2 = tl.constexpr(0.6931471805599453)  # lse = log2-domain lse · ln2
 
 # bias kinds (BIAS_KIND): none, additive float, bool mask (True = attend)
 _NO_BIAS, _FLOAT_BIAS, _BOOL_MASK = 0, 1, 2
@@ -131,17 +136,17 @@ def _scores(
     """x·log2e of the tile (-inf where not visible), and tanh(s/softcap) (or qk)."""
     if HAS_SOFTCAP:
         t = _tanh(qk * (sm_scale / softcap))
-        x = t * (softcap * 1.4426950408889634)
+        x = t * (softcap * LOG2E)
     else:
         t = qk
-        x = qk * (sm_scale * 1.4426950408889634)
+        x = qk * (sm_scale * LOG2E)
     if HAS_ALIBI:
-        x -= (slope * 1.4426950408889634) * tl.abs(rows + diag_offset - cols).to(tl.float32)
+        x -= (slope * LOG2E) * tl.abs(rows + diag_offset - cols).to(tl.float32)
     if BIAS_KIND != 0:
         in_bounds = (rows < seqlen_q) & (cols < seqlen_k)
         b = tl.load(Bias + rows * stride_bm + cols * stride_bn, mask=in_bounds, other=0)
         if BIAS_KIND == 1:
-            x += b.to(tl.float32) * 1.4426950408889634
+            x += b.to(tl.float32) * LOG2E
         else:
             x = tl.where(b != 0, x, float("-inf"))
     if MASKED:
@@ -196,6 +201,16 @@ def _query_ranges(
     full_lo = tl.where(partial, hi, full_lo)
     full_hi = tl.where(partial, hi, full_hi)
     return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _sequence_span(
+    CuSeqlens,     # (batch + 1,) int32 cumulative lengths of packed sequences
+    b,             # sequence index
+):
+    """(first row as int64, length) of packed sequence b."""
+    start = tl.load(CuSeqlens + b)
+    return start.to(tl.int64), tl.load(CuSeqlens + b + 1) - start
 
 
 # ----------------------------------------------------------------------------- forward
@@ -279,11 +294,25 @@ def _attention_fwd_kernel(
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    CuSeqlensQ=None,  # (batch + 1,) int32 cumulative query lengths (IS_VARLEN)
+    CuSeqlensK=None,  # (batch + 1,) int32 cumulative key lengths (IS_VARLEN)
+    IS_VARLEN: tl.constexpr = False,  # packed sequences: b indexes cu_seqlens, seqlen_q/k are the maxima
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
     kvh = h // group
+    if IS_VARLEN:
+        q_start, seqlen_q = _sequence_span(CuSeqlensQ, b)
+        k_start, seqlen_k = _sequence_span(CuSeqlensK, b)
+        if pid_m * BLOCK_M >= seqlen_q:
+            return
+        diag_offset = seqlen_k - seqlen_q
+        Q += q_start * stride_qm
+        K += k_start * stride_kn
+        V += k_start * stride_vn
+        Out += q_start * stride_om
+        Lse += q_start * stride_lm
     Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     K += b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
     V += b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
@@ -327,7 +356,7 @@ def _attention_fwd_kernel(
     if HAS_DROPOUT:
         inv_l = inv_l / (1.0 - dropout_p)
     out = acc * inv_l[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
     Out += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     out_ptrs = Out + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_ok
     tl.store(out_ptrs, out.to(Out.dtype.element_ty),
@@ -357,10 +386,21 @@ def _attention_bwd_preprocess_kernel(
     BLOCK_DV: tl.constexpr,
     HAS_DLSE: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    CuSeqlensQ=None,  # (batch + 1,) int32 cumulative query lengths (IS_VARLEN)
+    total_q=0,        # rows of the packed q (IS_VARLEN)
+    IS_VARLEN: tl.constexpr = False,  # packed sequences: b indexes cu_seqlens_q, seqlen_q is the maximum
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
+    if IS_VARLEN:
+        q_start, seqlen_q = _sequence_span(CuSeqlensQ, b)
+        if pid_m * BLOCK_M >= seqlen_q:
+            return
+        Out += q_start * stride_om
+        dOut += q_start * stride_dom
+        Lse += q_start * stride_lm
+        dLse += q_start * stride_dlm
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     Out += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
@@ -377,8 +417,11 @@ def _attention_bwd_preprocess_kernel(
         delta -= dlse.to(tl.float32)
     lse = tl.load(Lse + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + offs_m * stride_lm,
                   mask=in_bounds, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    row = (b * heads + h).to(tl.int64) * seqlen_q
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    if IS_VARLEN:
+        row = h.to(tl.int64) * total_q + q_start  # Delta, Lse2 are (heads, total_q)
+    else:
+        row = (b * heads + h).to(tl.int64) * seqlen_q
     tl.store(Delta + row + offs_m, delta, mask=in_bounds)
     tl.store(Lse2 + row + offs_m, lse2, mask=in_bounds)
 
@@ -454,18 +497,34 @@ def _attention_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom, stride_dok,
     stride_dkb, stride_dkh, stride_dkn, stride_dkk,
     stride_dvb, stride_dvh, stride_dvn, stride_dvk,
-    heads, group, seqlen_q, seqlen_k, diag_offset, window_left, window_right,
-    sm_scale, softcap, seed, dropout_p,
+    heads, group, seqlen_q, seqlen_k, diag_offset, window_left, window_right,  # as in the forward kernel
+    sm_scale, softcap, seed, dropout_p,  # as in the forward kernel
     seqlen_bucket,  # autotune key only
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,  # as in the forward kernel
     IS_CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     BIAS_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    CuSeqlensQ=None,  # (batch + 1,) int32 cumulative query lengths (IS_VARLEN)
+    CuSeqlensK=None,  # (batch + 1,) int32 cumulative key lengths (IS_VARLEN)
+    total_q=0,        # rows of the packed q (IS_VARLEN)
+    IS_VARLEN: tl.constexpr = False,  # packed sequences: b indexes cu_seqlens, seqlen_q/k are the maxima
 ):
     pid_n = tl.program_id(0)
     kvh = tl.program_id(1)
     b = tl.program_id(2)
+    if IS_VARLEN:
+        q_start, seqlen_q = _sequence_span(CuSeqlensQ, b)
+        k_start, seqlen_k = _sequence_span(CuSeqlensK, b)
+        if pid_n * BLOCK_N >= seqlen_k:
+            return
+        diag_offset = seqlen_k - seqlen_q
+        Q += q_start * stride_qm
+        dO += q_start * stride_dom
+        K += k_start * stride_kn
+        V += k_start * stride_vn
+        dK += k_start * stride_dkn
+        dV += k_start * stride_dvn
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -485,8 +544,12 @@ def _attention_bwd_dkdv_kernel(
         bh = b * heads + h
         Qh = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
         dOh = dO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-        Lse2h = Lse2 + bh.to(tl.int64) * seqlen_q
-        Deltah = Delta + bh.to(tl.int64) * seqlen_q
+        if IS_VARLEN:
+            row = h.to(tl.int64) * total_q + q_start
+        else:
+            row = bh.to(tl.int64) * seqlen_q
+        Lse2h = Lse2 + row
+        Deltah = Delta + row
         Biash = Bias + b.to(tl.int64) * stride_biasb + h.to(tl.int64) * stride_biash
         slope = 0.0
         if HAS_ALIBI:
@@ -576,20 +639,35 @@ def _attention_bwd_dq_kernel(
     stride_sb, stride_sh,
     stride_dob, stride_doh, stride_dom, stride_dok,
     stride_dqb, stride_dqh, stride_dqm, stride_dqk,
-    heads, group, seqlen_q, seqlen_k, diag_offset, window_left, window_right,
-    sm_scale, softcap, seed, dropout_p,
+    heads, group, seqlen_q, seqlen_k, diag_offset, window_left, window_right,  # as in the forward kernel
+    sm_scale, softcap, seed, dropout_p,  # as in the forward kernel
     seqlen_bucket,  # autotune key only
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,  # as in the forward kernel
     IS_CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     BIAS_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    CuSeqlensQ=None,  # (batch + 1,) int32 cumulative query lengths (IS_VARLEN)
+    CuSeqlensK=None,  # (batch + 1,) int32 cumulative key lengths (IS_VARLEN)
+    total_q=0,        # rows of the packed q (IS_VARLEN)
+    IS_VARLEN: tl.constexpr = False,  # packed sequences: b indexes cu_seqlens, seqlen_q/k are the maxima
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
     kvh = h // group
     bh = b * heads + h
+    if IS_VARLEN:
+        q_start, seqlen_q = _sequence_span(CuSeqlensQ, b)
+        k_start, seqlen_k = _sequence_span(CuSeqlensK, b)
+        if pid_m * BLOCK_M >= seqlen_q:
+            return
+        diag_offset = seqlen_k - seqlen_q
+        Q += q_start * stride_qm
+        dO += q_start * stride_dom
+        K += k_start * stride_kn
+        V += k_start * stride_vn
+        dQ += q_start * stride_dqm
     Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     dO += b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
     K += b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
@@ -607,8 +685,12 @@ def _attention_bwd_dq_kernel(
     do = _load_tile(dO + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dok,
                     offs_m, seqlen_q, offs_dv, DV, True, DV != BLOCK_DV)
     in_bounds = offs_m < seqlen_q
-    lse2 = tl.load(Lse2 + bh.to(tl.int64) * seqlen_q + offs_m, mask=in_bounds, other=float("inf"))
-    delta = tl.load(Delta + bh.to(tl.int64) * seqlen_q + offs_m, mask=in_bounds, other=0.0)
+    if IS_VARLEN:
+        row = h.to(tl.int64) * total_q + q_start
+    else:
+        row = bh.to(tl.int64) * seqlen_q
+    lse2 = tl.load(Lse2 + row + offs_m, mask=in_bounds, other=float("inf"))
+    delta = tl.load(Delta + row + offs_m, mask=in_bounds, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, full_lo, full_hi, hi = _key_ranges(m0, seqlen_k, diag_offset, window_left, window_right,
                                            BLOCK_M, BLOCK_N)
@@ -651,10 +733,11 @@ def _attention_bwd_dbias_kernel(
     stride_sb, stride_sh,
     stride_dob, stride_doh, stride_dom, stride_dok,
     stride_dbb, stride_dbh, stride_dbm, stride_dbn,
-    batch, heads, group, seqlen_q, seqlen_k, diag_offset, window_left, window_right,
-    sm_scale, softcap, seed, dropout_p,
+    batch,         # batch of q
+    heads, group, seqlen_q, seqlen_k, diag_offset, window_left, window_right,  # as in the forward kernel
+    sm_scale, softcap, seed, dropout_p,  # as in the forward kernel
     tiles_n,       # key tiles per program row (1 if SUM_N)
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,  # as in the forward kernel
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     SUM_B: tl.constexpr,       # Bias has batch 1: sum over batches
@@ -951,3 +1034,106 @@ def dropout_keep_mask(batch: int, heads: int, seqlen_q: int, seqlen_k: int, drop
     _attention_dropout_mask_kernel[grid](keep, heads, seqlen_q, seqlen_k, int(rng_seed.item()),
                                          float(dropout_p), BLOCK_M=block, BLOCK_N=block)
     return keep.bool()
+
+
+# ----------------------------------------------------------------------------- varlen launchers
+
+
+def _packed_as_batch(t: torch.Tensor) -> torch.Tensor:
+    """(total, heads, d) -> a (1, heads, total, d) view (no copy)."""
+    return t.unsqueeze(0).transpose(1, 2)
+
+
+def _varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, rng_seed,
+                 scale, window_left, window_right, softcap, dropout_p) -> dict:
+    """The dense kernels' shared arguments for packed sequences: batch strides 0,
+    seqlen_q/k the longest sequences (grid, tuning), cu_seqlens and IS_VARLEN."""
+    args = _common_args(_packed_as_batch(q), _packed_as_batch(k), _packed_as_batch(v), None, alibi_slopes,
+                        rng_seed, scale, window_left, window_right, False, softcap, dropout_p)
+    args.update(stride_qb=0, stride_kb=0, stride_vb=0, seqlen_q=max_seqlen_q, seqlen_k=max_seqlen_k,
+                diag_offset=0, CuSeqlensQ=cu_seqlens_q, CuSeqlensK=cu_seqlens_k, IS_VARLEN=True)
+    return args
+
+
+def varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes,
+                             rng_seed, scale, window_left, window_right, softcap, dropout_p):
+    """out (total_q, heads, head_dim_v) and lse (heads, total_q) fp32 of packed sequences.
+
+    q (total_q, heads, head_dim), k/v (total_k, kv_heads, head_dim[_v]), any strides;
+    cu_seqlens_q/k (batch + 1,) int32; max_seqlen_q/k at least the longest sequence;
+    alibi_slopes (heads,) or (batch, heads); causal and windows bottom-right per sequence.
+    """
+    batch = cu_seqlens_q.shape[0] - 1
+    total_q, heads = q.shape[0], q.shape[1]
+    out = q.new_empty(total_q, heads, v.shape[-1])
+    lse = q.new_empty(heads, total_q, dtype=torch.float32)
+    if total_q == 0 or batch == 0 or max_seqlen_q == 0 or k.shape[0] == 0 or max_seqlen_k == 0:
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return out, lse
+    args = _varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes,
+                        rng_seed, scale, window_left, window_right, softcap, dropout_p)
+    out4 = _packed_as_batch(out)
+    kernel, config = _kernel_and_config("fwd")
+    grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, batch)  # noqa: E731
+    kernel[grid](
+        Out=out4, Lse=lse,
+        stride_ob=0, stride_oh=out4.stride(1), stride_om=out4.stride(2), stride_ok=out4.stride(3),
+        stride_lb=0, stride_lh=lse.stride(0), stride_lm=lse.stride(1),
+        **args, **_tune_args(args, window_left, window_right), **config,
+    )
+    return out, lse
+
+
+def varlen_attention_backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                              max_seqlen_k, alibi_slopes, rng_seed, scale, window_left, window_right, softcap,
+                              dropout_p):
+    """(dq, dk, dv) shaped like (q, k, v) for packed sequences; dlse (heads, total_q) or None."""
+    batch = cu_seqlens_q.shape[0] - 1
+    total_q, heads = q.shape[0], q.shape[1]
+    kv_heads = k.shape[1]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if q.numel() == 0 or k.numel() == 0 or v.numel() == 0 or batch == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
+        for grad in (dq, dk, dv):
+            grad.zero_()
+        return dq, dk, dv
+    dout4 = _packed_as_batch(dout.to(q.dtype))
+    args = _varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes,
+                        rng_seed, scale, window_left, window_right, softcap, dropout_p)
+    varlen = dict(CuSeqlensQ=cu_seqlens_q, total_q=total_q, IS_VARLEN=True)
+    grad_strides = dict(stride_dob=0, stride_doh=dout4.stride(1), stride_dom=dout4.stride(2),
+                        stride_dok=dout4.stride(3))
+
+    delta = torch.empty(heads, total_q, dtype=torch.float32, device=q.device)
+    lse2 = torch.empty_like(delta)
+    fixed = _fixed_config()
+    has_dlse = dlse is not None
+    out4 = _packed_as_batch(out)
+    _attention_bwd_preprocess_kernel[(triton.cdiv(max_seqlen_q, fixed["BLOCK_M"]), heads, batch)](
+        Out=out4, dOut=dout4, Lse=lse, dLse=dlse if has_dlse else lse, Delta=delta, Lse2=lse2,
+        stride_ob=0, stride_oh=out4.stride(1), stride_om=out4.stride(2), stride_ok=out4.stride(3),
+        **grad_strides,
+        stride_lb=0, stride_lh=lse.stride(0), stride_lm=lse.stride(1),
+        stride_dlb=0, stride_dlh=dlse.stride(0) if has_dlse else 0, stride_dlm=dlse.stride(1) if has_dlse else 0,
+        heads=heads, seqlen_q=max_seqlen_q, DV=args["DV"], BLOCK_DV=args["BLOCK_DV"], HAS_DLSE=has_dlse,
+        BLOCK_M=fixed["BLOCK_M"], num_warps=fixed["num_warps"], **varlen,
+    )
+
+    tune = _tune_args(args, window_left, window_right)
+    dk4, dv4, dq4 = _packed_as_batch(dk), _packed_as_batch(dv), _packed_as_batch(dq)
+    kernel, config = _kernel_and_config("dkdv")
+    grid = lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), kv_heads, batch)  # noqa: E731
+    kernel[grid](
+        dO=dout4, Lse2=lse2, Delta=delta, dK=dk4, dV=dv4, **grad_strides,
+        stride_dkb=0, stride_dkh=dk4.stride(1), stride_dkn=dk4.stride(2), stride_dkk=dk4.stride(3),
+        stride_dvb=0, stride_dvh=dv4.stride(1), stride_dvn=dv4.stride(2), stride_dvk=dv4.stride(3),
+        total_q=total_q, **args, **tune, **config,
+    )
+    kernel, config = _kernel_and_config("dq")
+    grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, batch)  # noqa: E731
+    kernel[grid](
+        dO=dout4, Lse2=lse2, Delta=delta, dQ=dq4, **grad_strides,
+        stride_dqb=0, stride_dqh=dq4.stride(1), stride_dqm=dq4.stride(2), stride_dqk=dq4.stride(3),
+        total_q=total_q, **args, **tune, **config,
+    )
+    return dq, dk, dv

@@ -427,6 +427,10 @@ def test_triton_refuses_what_it_cannot_serve():
         fastattn.attention(q, k, v, backend="triton")
     # auto still serves what triton refuses
     assert fastattn.attention(q, k, v).dtype == torch.float64
+    if backends.triton_interpreter_on():
+        q, k, v = (t.bfloat16() for t in _inputs(1, 2, 2, 5, 5, 16))
+        with pytest.raises(ValueError, match="interpreter .* bfloat16"):
+            fastattn.attention(q, k, v, backend="triton")
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from .. import _validate as check
 from .. import reference
+from ..backends import triton_interpreter_on
 from ._common import (
     BackendTable,
     draw_rng_seed,
@@ -115,6 +116,8 @@ def limits(backend: str, call: AttentionCall) -> Optional[str]:
     if backend == "triton":
         if call.dtype not in TRITON_DTYPES:
             return f"the Triton kernels take float16, bfloat16 or float32, got {check.dtype_name(call.dtype)}"
+        if call.dtype == torch.bfloat16 and triton_interpreter_on():
+            return "the Triton interpreter (TRITON_INTERPRET=1) computes tl.dot on bfloat16 wrongly"
         if max(call.head_dim, call.head_dim_v) > TRITON_MAX_HEAD_DIM:
             return (f"the Triton kernels take head_dim up to {TRITON_MAX_HEAD_DIM}, got head_dim "
                     f"{call.head_dim} (q, k) and {call.head_dim_v} (v)")
