@@ -28,7 +28,8 @@ Derivatives
   silu       s = σ(z),  act(z) = z·s,  act'(z) = s·(1 + z·(1 - s))
 
 When the forward did not save H (or G, U) -- recompute=True -- the backward first
-recomputes them with the forward kernel. Operands stay in the input dtype; accumulators
+recomputes them with the forward kernel, and the dact/dgated epilogue then writes dH
+(dG, dU) over the recomputed buffers. Operands stay in the input dtype; accumulators
 and the epilogue math are fp32, cast once at the store; bias gradients are fp32 row sums
 taken by one program per row block (deterministic, no atomics). fp32 inputs use tf32 in
 tl.dot only when torch allows tf32 for matmuls.
@@ -378,6 +379,7 @@ def _ffn_bwd_dact_kernel(
     dact = dact.to(DPRE.dtype.element_ty)
     pre = tl.load(_tile_ptrs(PRE, stride_prem, stride_pren, offs_m, offs_n), mask=mask, other=0.0)
     act, act_grad = _activation_and_grad(pre.to(tl.float32), ACTIVATION)
+    tl.debug_barrier()  # DPRE may be PRE (recompute): every thread has read its tile first
     tl.store(_tile_ptrs(DPRE, stride_dprem, stride_dpren, offs_m, offs_n),
              (dact.to(tl.float32) * act_grad).to(DPRE.dtype.element_ty), mask=mask)
     if STORE_ACT:
@@ -431,6 +433,7 @@ def _gated_ffn_bwd_dgated_kernel(
     gate = tl.load(_tile_ptrs(GATE, stride_gatem, stride_gaten, offs_m, offs_n), mask=mask, other=0.0)
     up = tl.load(_tile_ptrs(UP, stride_upm, stride_upn, offs_m, offs_n), mask=mask, other=0.0).to(tl.float32)
     act, act_grad = _activation_and_grad(gate.to(tl.float32), ACTIVATION)
+    tl.debug_barrier()  # DGATE, DUP may be GATE, UP (recompute): every thread has read its tiles first
     tl.store(_tile_ptrs(DGATE, stride_dgatem, stride_dgaten, offs_m, offs_n),
              (dprod * up * act_grad).to(DGATE.dtype.element_ty), mask=mask)
     tl.store(_tile_ptrs(DUP, stride_dupm, stride_dupn, offs_m, offs_n), (dprod * act).to(DUP.dtype.element_ty),
@@ -642,7 +645,9 @@ def ffn_backward(dy, x, w1, b1, w2, b2, hidden_pre: Optional[torch.Tensor], acti
     if hidden_pre is None:
         hidden_pre = x.new_empty(M, h)  # (M, h) H
         _linear(x, w1, b1, None, hidden_pre, activation)
-    dpre = x.new_empty(M, h)  # (M, h) dH
+        dpre = hidden_pre  # each program reads its H tile before writing dH over it
+    else:
+        dpre = x.new_empty(M, h)  # (M, h) dH
     hidden = x.new_empty(M, h)  # (M, h) act(H)
     if M > 0:
         _launch(
@@ -679,7 +684,10 @@ def gated_ffn_backward(dy, x, w_gate, w_up, w_down, gate, up, activation: str):
     if gate is None or up is None:
         gate, up = x.new_empty(M, h), x.new_empty(M, h)  # (M, h) G, U
         _gated_linear(x, w_gate, w_up, None, gate, up, activation)
-    dgate, dup, prod = (x.new_empty(M, h) for _ in range(3))  # (M, h) dG, dU, P
+        dgate, dup = gate, up  # each program reads its G, U tiles before writing dG, dU over them
+    else:
+        dgate, dup = x.new_empty(M, h), x.new_empty(M, h)  # (M, h) dG, dU
+    prod = x.new_empty(M, h)  # (M, h) P
     if M > 0:
         _launch(
             "dgated", M, h,
