@@ -157,6 +157,15 @@ def test_lengths_head_dims_gqa_causal(backend, dtype, shape):
     check_attention(backend, q, k, v, dtype=dtype, causal=causal)
 
 
+@needs_triton
+@pytest.mark.slow
+@pytest.mark.parametrize("head_dim", [128, 192, 256])
+def test_large_head_dims_and_lengths_on_cpu(head_dim):
+    """The GPU sweep's larger head dims and a 257-long causal case, in the interpreter."""
+    q, k, v = _inputs(1, 2, 1, 257, 257, head_dim)
+    check_attention("triton", q, k, v, causal=True)
+
+
 # ----------------------------------------------------------------------------- options
 
 SMALL = (1, 4, 2, 37, 45, 32)  # batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim: 2 x 2 tiles of 32
