@@ -65,6 +65,7 @@ def _cuda_extension():
         name="fastattn._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
+        libraries=["cublasLt"],  # csrc/ffn/gemm_lt.cu
         extra_compile_args={
             "cxx": ["-O3", "-std=c++20"],
             "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo",
