@@ -37,7 +37,7 @@ LAYER_NORM_MAX_TILE = {False: 16384, True: 8192}  # by backward
 LAYER_NORM_ELEMENTS_PER_THREAD = {False: (4, 32), True: (4, 16)}  # allowed range, by backward
 LAYER_NORM_BWD_PROGRAMS_PER_SM = 1  # persistent backward grid
 LAYER_NORM_INTERPRETER_BWD_PROGRAMS = 3  # persistent backward grid under the interpreter
-LAYER_NORM_INTERPRETER_TILE = 8192  # elements per program under the interpreter (fewer, bigger programs)
+LAYER_NORM_INTERPRETER_TILE = 32768  # elements per program under the interpreter (fewer, bigger programs)
 _LAYER_NORM_ROWS = (1, 2, 4, 8, 16, 32, 64, 128)
 _LAYER_NORM_WARPS = (1, 2, 4, 8, 16)
 _LAYER_NORM_KEYS = ("BLOCK_N", "ROWS", "num_warps", "num_stages")
@@ -338,3 +338,132 @@ def attention_pinned_config() -> Optional[dict]:
         if pinned[key] < 16 or pinned[key] & (pinned[key] - 1):
             raise ValueError(f"{ATTENTION_CONFIG_ENV}: {key} must be a power of 2 >= 16; got {pinned[key]}")
     return pinned
+
+
+# ============================================================================
+# decode_attention (kernels/decode.py: the split-KV kernel and its combine kernel)
+# ============================================================================
+#
+# One program runs BLOCK_M query rows (the q_len queries of the heads sharing one kv
+# head; decode_attention_block_m) over one of NUM_SPLITS ranges of the cache in BLOCK_N
+# key tiles. The tuned parameters are BLOCK_N, num_warps and num_stages, keyed on
+# DECODE_ATTENTION_TUNE_KEY (a bucket of the keys per split, the tile widths and the
+# flags; Triton adds the dtypes). NUM_SPLITS is not tuned: decode_attention_num_splits
+# picks enough programs to fill the GPU (DECODE_ATTENTION_PROGRAMS_PER_SM) without
+# splits shorter than DECODE_ATTENTION_MIN_SPLIT_KEYS. FASTATTN_DECODE_ATTENTION_CONFIG
+# pins a config, e.g.
+#     FASTATTN_DECODE_ATTENTION_CONFIG="BLOCK_N=64,NUM_SPLITS=8,num_warps=4,num_stages=2"
+# where BLOCK_N, num_warps, num_stages left out take DECODE_ATTENTION_DEFAULT's values
+# and NUM_SPLITS left out is picked as above. Under the Triton interpreter
+# DECODE_ATTENTION_INTERPRETER_CONFIG is used without tuning (small tiles, and a small
+# pretend GPU, so that the test caches span several tiles and splits).
+
+DECODE_ATTENTION_CONFIG_ENV = "FASTATTN_DECODE_ATTENTION_CONFIG"
+DECODE_ATTENTION_DEFAULT = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+DECODE_ATTENTION_INTERPRETER_CONFIG = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+DECODE_ATTENTION_TUNE_KEY = ("split_keys_bucket", "BLOCK_M", "BLOCK_D", "BLOCK_DV", "PAGED", "HAS_SOFTCAP",
+                             "HAS_ALIBI")
+DECODE_ATTENTION_MAX_BLOCK_M = 64  # most query rows per program (more rows of a kv head take more programs)
+DECODE_ATTENTION_MAX_SPLITS = 128
+DECODE_ATTENTION_MIN_SPLIT_KEYS = 256  # shortest cache range worth its own program (and partial output)
+DECODE_ATTENTION_PROGRAMS_PER_SM = 4  # programs wanted in flight per SM (a memory-bound kernel)
+DECODE_ATTENTION_INTERPRETER_SMS = 2  # the pretend GPU of the interpreter
+DECODE_ATTENTION_INTERPRETER_MIN_SPLIT_KEYS = 32
+DECODE_ATTENTION_COMBINE_SPLITS = 16  # partial outputs the combine kernel loads at once
+DECODE_ATTENTION_SHARED_MEMORY = 200 * 1024  # bytes for the q tile + num_stages K/V tiles (H100: 227 KiB)
+DECODE_ATTENTION_ACCUMULATOR_REGISTERS = 128  # most fp32 accumulator elements per thread
+DECODE_ATTENTION_SPLIT_KEYS_BUCKETS = (64, 131072)  # keys-per-split bucket = next power of 2 in this range
+_DECODE_ATTENTION_SPACE = dict(BLOCK_N=(16, 32, 64, 128), num_warps=(2, 4, 8), num_stages=(1, 2, 3, 4))
+_DECODE_ATTENTION_KEYS = ("BLOCK_N", "NUM_SPLITS", "num_warps", "num_stages")
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def decode_attention_block_m(rows: int) -> int:
+    """Query rows per program for `rows` = group·q_len rows per kv head (>= 16 for tl.dot)."""
+    return min(DECODE_ATTENTION_MAX_BLOCK_M, max(16, triton.next_power_of_2(rows)))
+
+
+def decode_attention_keep(block_m: int, block_n: int, num_warps: int, num_stages: int, block_d: int,
+                          block_dv: int, element_size: int = 2) -> bool:
+    """Whether a config is worth trying: the fp32 accumulators (output and score tiles)
+    fit in registers, the staged K/V tiles in shared memory, and every warp has a K tile
+    share of at least 8 elements per thread."""
+    threads = 32 * num_warps
+    if (block_m * block_dv + block_m * block_n) // threads > DECODE_ATTENTION_ACCUMULATOR_REGISTERS:
+        return False
+    if block_n * block_d // threads < 8:
+        return False
+    staged = block_m * block_d + num_stages * block_n * (block_d + block_dv)
+    return staged * element_size <= DECODE_ATTENTION_SHARED_MEMORY
+
+
+def decode_attention_configs() -> list:
+    """The whole space; decode_attention_prune keeps what fits a call."""
+    space = _DECODE_ATTENTION_SPACE
+    return [triton.Config({"BLOCK_N": n}, num_warps=warps, num_stages=stages)
+            for n, warps, stages in itertools.product(space["BLOCK_N"], space["num_warps"], space["num_stages"])]
+
+
+def decode_attention_prune(configs, named_args, **kwargs):
+    """early_config_prune: decode_attention_keep for the call's tiles and dtype, key
+    tiles no longer than a split (keeps at least one config)."""
+    args = {**named_args, **kwargs}
+    element_size = args["Q"].element_size()
+    block_m, block_d, block_dv = args["BLOCK_M"], args["BLOCK_D"], args["BLOCK_DV"]
+    fits = [c for c in configs
+            if decode_attention_keep(block_m, c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, block_d, block_dv,
+                                     element_size)]
+    short = [c for c in fits if c.kwargs["BLOCK_N"] <= max(16, args["split_keys_bucket"])]
+    smallest = min(configs, key=lambda c: (c.kwargs["BLOCK_N"], c.num_stages, c.num_warps))
+    return short or fits[:1] or [smallest]
+
+
+def decode_attention_split_keys_bucket(split_keys: int) -> int:
+    low, high = DECODE_ATTENTION_SPLIT_KEYS_BUCKETS
+    return min(high, max(low, triton.next_power_of_2(max(1, split_keys))))
+
+
+def decode_attention_num_splits(programs: int, keys: int, sm_count: int) -> int:
+    """Splits of the cache so that programs · splits fills sm_count SMs, each split at
+    least DECODE_ATTENTION_MIN_SPLIT_KEYS long. `programs` = batch · kv_heads · row
+    blocks, `keys` = the most keys one sequence attends to."""
+    min_keys = DECODE_ATTENTION_INTERPRETER_MIN_SPLIT_KEYS if _interpreted() else DECODE_ATTENTION_MIN_SPLIT_KEYS
+    wanted = -(-sm_count * DECODE_ATTENTION_PROGRAMS_PER_SM // max(1, programs))
+    return max(1, min(wanted, -(-keys // min_keys), DECODE_ATTENTION_MAX_SPLITS))
+
+
+def decode_attention_pinned() -> Optional[dict]:
+    """The keys pinned by FASTATTN_DECODE_ATTENTION_CONFIG (only those given), or None."""
+    text = os.environ.get(DECODE_ATTENTION_CONFIG_ENV, "").strip()
+    if not text:
+        return None
+    pinned = {}
+    for item in text.split(","):
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or key not in _DECODE_ATTENTION_KEYS or not value.isdigit() or int(value) < 1:
+            raise ValueError(f"{DECODE_ATTENTION_CONFIG_ENV} must be comma-separated KEY=positive int with KEY in "
+                             f"{', '.join(_DECODE_ATTENTION_KEYS)}; got {text!r}")
+        pinned[key] = int(value)
+    if "BLOCK_N" in pinned and (pinned["BLOCK_N"] < 16 or pinned["BLOCK_N"] & (pinned["BLOCK_N"] - 1)):
+        raise ValueError(f"{DECODE_ATTENTION_CONFIG_ENV}: BLOCK_N must be a power of 2 >= 16; got {pinned['BLOCK_N']}")
+    if pinned.get("NUM_SPLITS", 1) > DECODE_ATTENTION_MAX_SPLITS:
+        raise ValueError(f"{DECODE_ATTENTION_CONFIG_ENV}: NUM_SPLITS must be <= {DECODE_ATTENTION_MAX_SPLITS}; "
+                         f"got {pinned['NUM_SPLITS']}")
+    return pinned
+
+
+def decode_attention_launch_config(programs: int, keys: int, sm_count: Optional[int]) -> tuple[int, Optional[dict]]:
+    """(num_splits, config) for one launch: config is the pinned or interpreter
+    (BLOCK_N, num_warps, num_stages), or None to autotune. sm_count None = the
+    interpreter's pretend GPU."""
+    pinned = decode_attention_pinned() or {}
+    sms = DECODE_ATTENTION_INTERPRETER_SMS if sm_count is None else sm_count
+    num_splits = pinned.pop("NUM_SPLITS", None) or decode_attention_num_splits(programs, keys, sms)
+    if not pinned and not _interpreted():
+        return num_splits, None
+    config = dict(DECODE_ATTENTION_INTERPRETER_CONFIG if _interpreted() else DECODE_ATTENTION_DEFAULT)
+    config.update(pinned)
+    return num_splits, config
