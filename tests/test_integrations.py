@@ -15,6 +15,16 @@ from fastattn.integrations import transformers as fa_hf
 from helpers import backends_of
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The models here are tiny: intra-op threads cost more than they save (far more on
+    a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ----------------------------------------------------------------------------- patch_sdpa
 
 

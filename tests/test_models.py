@@ -15,6 +15,17 @@ import fastattn.ops.rms_norm as rms_norm_op
 from fastattn.models import GPT, PRESETS, TransformerConfig
 from helpers import GRAD_FACTOR, assert_within_naive_error, backends_of
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The models here are tiny: intra-op threads cost more than they save (far more on
+    a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 TINY = TransformerConfig.from_preset("tiny")
 VARIANTS = {
     "gpt2": TINY,

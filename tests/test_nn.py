@@ -17,6 +17,17 @@ import fastattn.ops.layer_norm as layer_norm_op
 import fastattn.ops.rms_norm as rms_norm_op
 from helpers import backends_of
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The models here are tiny: intra-op threads cost more than they save (far more on
+    a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 F32 = torch.float32
 
 

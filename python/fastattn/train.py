@@ -33,6 +33,7 @@ import os
 import sys
 import sysconfig
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -296,6 +297,9 @@ def wrap_parallel(model: GPT, args: argparse.Namespace, info: Dist, device: torc
         mode = "fsdp" if device.type == "cuda" else "ddp"
     if mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
+
+        # The blocks return reshaped (view) outputs, which nothing modifies in place.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
         for block in model.blocks:
             fully_shard(block)
