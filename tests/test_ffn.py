@@ -9,6 +9,11 @@ bf16 and large shapes are `gpu` tests.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -220,7 +225,8 @@ def test_pinned_config_variable(monkeypatch):
 
     monkeypatch.setenv(_config.FFN_CONFIG_ENV, "BLOCK_M=16,BLOCK_N=64,BLOCK_K=16,GROUP_M=1")
     pinned = _config.ffn_pinned_config()
-    assert pinned["BLOCK_M"] == 16 and pinned["BLOCK_K"] == 16 and pinned["num_warps"] == _config.FFN_DEFAULT["num_warps"]
+    assert pinned["BLOCK_M"] == 16 and pinned["BLOCK_K"] == 16
+    assert pinned["num_warps"] == _config.FFN_DEFAULT["num_warps"]
     check_against_reference(make_inputs(33, 40, 96, 40), torch.float32, "triton", "gelu")
     for bad in ("BLOCK_M=48", "BLOCK_M=8", "BLOCK_Q=16", "num_warps=0", "BLOCK_M"):
         monkeypatch.setenv(_config.FFN_CONFIG_ENV, bad)
@@ -282,6 +288,60 @@ def test_bad_input(case):
     fn, error, message = BAD_INPUTS[case]
     with pytest.raises(error, match=message):
         fn()
+
+
+_COMPILE_FOR_GPU = textwrap.dedent("""
+    import sys
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from fastattn.kernels import ffn as K
+
+    POINTERS = {"A", "B", "BIAS", "OUT", "PRE", "X", "B_GATE", "B_UP", "GATE", "UP", "DY", "W", "DPRE", "ACT",
+                "DGATE", "DUP", "PROD", "A1", "B1", "A2", "B2", "C", "ROW_SUM"}
+    UNIT_STRIDES = {"stride_ak", "stride_bk", "stride_bias", "stride_outn", "stride_pren", "stride_xk", "stride_gk",
+                    "stride_uk", "stride_gaten", "stride_upn", "stride_dyk", "stride_wn", "stride_dpren", "stride_actn",
+                    "stride_dgaten", "stride_dupn", "stride_prodn", "stride_a1m", "stride_b1n", "stride_a2k",
+                    "stride_b2n", "stride_cn"}  # as launched on contiguous tensors (Wᵀ and dHᵀ read in place)
+    FLAGS = dict(ACTIVATION="gelu", HAS_BIAS=True, STORE_OUT=True, STORE_PRE=True, STORE_ACT=True,
+                 STORE_PROD=True, DUAL=True, HAS_ROW_SUM=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
+    for arch, dtype, precision in ((90, "bf16", "tf32"), (90, "fp32", "tf32"), (80, "fp16", "tf32"), (80, "fp32", "ieee")):
+        for fn in (K._ffn_fwd_kernel, K._gated_ffn_fwd_kernel, K._ffn_bwd_dact_kernel,
+                   K._gated_ffn_bwd_dgated_kernel, K._ffn_bwd_gemm_kernel):
+            signature, constants, attrs = {}, {}, {}
+            for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
+                if param.is_constexpr:
+                    signature[name] = "constexpr"
+                    constants[(i,)] = precision if name == "DOT_PRECISION" else FLAGS[name]
+                elif name in POINTERS:
+                    signature[name] = "*fp32" if name == "ROW_SUM" else "*" + dtype
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+                elif name in UNIT_STRIDES:
+                    signature[name] = "constexpr"  # Triton specializes a stride of 1 like this
+                    constants[(i,)] = 1
+                else:
+                    signature[name] = "i32"
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+            kernel = triton.compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", arch, 32),
+                                    options={"num_warps": 8, "num_stages": 3})
+            ptx = kernel.asm["ptx"]
+            mma = "wgmma" if "wgmma" in ptx else "mma.sync" if "mma.sync" in ptx else "fma"
+            print(arch, dtype, fn.__name__, mma)
+            expected = "fma" if precision == "ieee" else "wgmma" if arch == 90 else "mma.sync"
+            if mma != expected:
+                sys.exit(f"{fn.__name__} for sm_{arch} {dtype}: {mma} instead of {expected}")
+""")
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90_and_sm80():
+    """Without a GPU: Triton compiles every kernel to PTX for sm_90 and sm_80 (tensor-core
+    MMA for fp16/bf16/tf32, FMA for ieee fp32), which the interpreter cannot check."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_GPU], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("\n") == 20
 
 
 # ----------------------------------------------------------------------------- GPU only
