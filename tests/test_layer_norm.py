@@ -42,7 +42,7 @@ def test_triton_looped_path_matches_float64_reference(device, hidden, rows, dtyp
 
 @pytest.mark.slow
 @pytest.mark.parametrize("hidden,rows", SLOW_SHAPES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_triton_wide_rows_cpu(hidden, rows, dtype):
     skip_unless_runs(OP, "triton", torch.device("cpu"))
     check_call(OP, "triton", torch.device("cpu"), dtype, rows, hidden, Flags(residual=True, prenorm=True))
@@ -50,7 +50,7 @@ def test_triton_wide_rows_cpu(hidden, rows, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("hidden", [1024, 2048, 4096, 5120, 8192, 12288, 16384, 32768, 65536])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 def test_triton_large_shapes_gpu(hidden, dtype):
     """Benchmark-like shapes, autotuned (single-pass and looped layouts)."""
     device = torch.device("cuda")
