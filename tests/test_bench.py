@@ -12,7 +12,7 @@ import torch
 from fastattn import reference
 from fastattn.bench import counting, report, results, timing
 from fastattn.bench.cli import main as bench_main
-from fastattn.bench.harness import OpRunner, RunConfig, classify, rotation_count
+from fastattn.bench.harness import OpRunner, RunConfig, _sticky_cuda_error, classify, rotation_count
 from fastattn.bench.reference import RowChunkedReference, StoredReference, max_abs_error
 from fastattn.bench.run import expand_ops, run_benchmarks
 from fastattn.bench.spec import Provider, Skip
@@ -162,10 +162,20 @@ def test_max_abs_error_flags_shape_and_non_finite():
     assert max_abs_error(bad, ref) == math.inf
 
 
+def test_sticky_cuda_errors_stop_the_run():
+    assert _sticky_cuda_error("RuntimeError: CUDA error: an illegal memory access was encountered")
+    assert _sticky_cuda_error("RuntimeError: CUDA error: device-side assert triggered")
+    assert not _sticky_cuda_error("RuntimeError: shapes do not match")
+    assert not _sticky_cuda_error(None)
+
+
 def test_classify_and_rotation():
     assert classify(Skip("no kernel")) == ("skipped", "no kernel")
     assert classify(ValueError("backend 'triton' cannot serve this attention call: x"))[0] == "skipped"
     assert classify(RuntimeError("No available kernel. Aborting execution."))[0] == "skipped"
+    assert classify(RuntimeError("No viable backend for scaled_dot_product_attention was found."))[0] == "skipped"
+    assert classify(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8 GiB")) == ("skipped",
+                                                                                           "out of memory")
     assert classify(RuntimeError("boom")) == ("error", "RuntimeError: boom")
     assert rotation_count(10**6, torch.device("cpu")) == 1
 

@@ -76,7 +76,7 @@ def classify(exc: BaseException) -> tuple[str, str]:
         return "skipped", f"not implemented: {text}"
     if isinstance(exc, ValueError) and "cannot serve" in text:
         return "skipped", text
-    if isinstance(exc, RuntimeError) and "No available kernel" in text:
+    if isinstance(exc, RuntimeError) and ("No available kernel" in text or "No viable backend" in text):
         return "skipped", text
     return "error", f"{type(exc).__name__}: {text}"
 
@@ -256,7 +256,8 @@ class OpRunner:
                     result = state.check_result()
                     timing.synchronize(self.device)
                 except RuntimeError as exc:
-                    if "No available kernel" in str(exc) and caught:
+                    unavailable = "No available kernel" in str(exc) or "No viable backend" in str(exc)
+                    if unavailable and _warning_reasons(caught):
                         raise Skip(f"no available kernel: {_warning_reasons(caught)}") from None
                     raise
             outcome = self._check(provider, mode, result, case.reference, case.naive_errors.get(mode))

@@ -31,10 +31,10 @@ class Timing:
 class TimerSettings:
     """How long to warm up and to measure, in milliseconds of the timed function."""
 
-    warmup_ms: float = 10.0
-    rep_ms: float = 40.0
+    warmup_ms: float = 5.0
+    rep_ms: float = 25.0
     min_reps: int = 5
-    max_reps: int = 200
+    max_reps: int = 100
     fixed: bool = False  # True: one warm-up call and min_reps timed calls, no estimate
 
 

@@ -119,6 +119,9 @@ def _provider(name: str, train: bool):
                 raise Skip("Triton on CPU runs only in the interpreter: triton numbers need a CUDA GPU")
         if name.endswith("-compile") and not train:
             raise Skip("generation with a KV cache is not compiled here")
+        if name == "naive-compile" and device.type == "cuda":
+            raise Skip("compiling the whole naive model takes minutes and no target compares with it "
+                       "(TARGETS.md: torch.compile of the torch backend)")
         spec = TRAIN if train else DECODE
         model = models.GPT(spec.config(shape), backend=backend, device=device, dtype=dtype)
         forward = model
