@@ -27,9 +27,28 @@ from fastattn.ops._common import draw_rng_seed
 from helpers import GRAD_FACTOR, assert_within_naive_error, backends_of
 
 CONFIG_ENV = "FASTATTN_ATTENTION_CONFIG"
-CPU_BACKENDS = backends_of(attention_op.BACKENDS)
-HAS_TRITON = "triton" in CPU_BACKENDS
+# The tests below run on the GPU where there is one (the Triton kernels compiled), else on
+# CPU (the Triton kernels in the interpreter).
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+HERE_BACKENDS = backends_of(attention_op.BACKENDS, DEVICE)
+HAS_TRITON = "triton" in HERE_BACKENDS
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed or TRITON_INTERPRET is off")
+# On a GPU, tests that do not pin a config themselves use this one (no autotuning per case).
+GPU_TEST_CONFIG = "BLOCK_M=32,BLOCK_N=32,num_warps=4,num_stages=1"
+
+
+@pytest.fixture(autouse=True)
+def _pinned_config_on_gpu(monkeypatch):
+    if DEVICE.type == "cuda" and not backends.triton_interpreter_on():
+        monkeypatch.setenv(CONFIG_ENV, GPU_TEST_CONFIG)
+
+
+def R(*shape):
+    return torch.randn(*shape, device=DEVICE)
+
+
+def U(*shape):
+    return torch.rand(*shape, device=DEVICE)
 
 
 def _kernels():
@@ -44,7 +63,7 @@ def _serves(backend: str, dtype=torch.float32, head_dim=64, head_dim_v=64, softc
     return attention_op.BACKENDS.reason(backend, call) is None
 
 
-def _inputs(batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, head_dim_v=None, device="cpu"):
+def _inputs(batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, head_dim_v=None, device=DEVICE):
     head_dim_v = head_dim if head_dim_v is None else head_dim_v
     return (torch.randn(batch, heads, seqlen_q, head_dim, device=device),
             torch.randn(batch, kv_heads, seqlen_k, head_dim, device=device),
@@ -140,7 +159,7 @@ FP16_SWEEP = [SWEEP[1], SWEEP[3], SWEEP[5]]
 
 def _sweep_cases():
     cases = []
-    for backend in CPU_BACKENDS:
+    for backend in HERE_BACKENDS:
         for dtype, sweep in ((torch.float32, SWEEP), (torch.float16, FP16_SWEEP)):
             for shape in sweep:
                 if _serves(backend, dtype, shape[5], shape[6]):
@@ -179,24 +198,24 @@ def _option_cases():
         "window-left": dict(window_size=(6, -1)),
         "window-right-0": dict(window_size=(2, 0)),
         "softcap": dict(softcap=2.0, causal=True),
-        "alibi-heads": dict(alibi_slopes=torch.rand(h), causal=True),
-        "alibi-batch-heads": dict(alibi_slopes=torch.rand(b, h)),
-        "bias-full": dict(attn_bias=torch.randn(b, h, sq, sk)),
-        "bias-heads": dict(attn_bias=torch.randn(1, h, sq, sk), causal=True),
-        "bias-key-row": dict(attn_bias=torch.randn(b, 1, 1, sk)),
-        "bias-query-col": dict(attn_bias=torch.randn(sq, 1)),
-        "bias-scalar": dict(attn_bias=torch.randn(1, 1, 1, 1)),
-        "bias-neg-inf": dict(attn_bias=torch.randn(sq, sk).masked_fill(torch.rand(sq, sk) > 0.7, float("-inf"))),
-        "mask": dict(attn_bias=torch.rand(b, 1, sq, sk) > 0.4),
-        "mask-empty-rows": dict(attn_bias=torch.rand(sq, sk) > 0.97),
-        "everything": dict(attn_bias=torch.randn(1, h, sq, sk), causal=True, softcap=5.0,
-                           alibi_slopes=torch.rand(h), window_size=(10, -1), scale=0.2),
+        "alibi-heads": dict(alibi_slopes=U(h), causal=True),
+        "alibi-batch-heads": dict(alibi_slopes=U(b, h)),
+        "bias-full": dict(attn_bias=R(b, h, sq, sk)),
+        "bias-heads": dict(attn_bias=R(1, h, sq, sk), causal=True),
+        "bias-key-row": dict(attn_bias=R(b, 1, 1, sk)),
+        "bias-query-col": dict(attn_bias=R(sq, 1)),
+        "bias-scalar": dict(attn_bias=R(1, 1, 1, 1)),
+        "bias-neg-inf": dict(attn_bias=R(sq, sk).masked_fill(U(sq, sk) > 0.7, float("-inf"))),
+        "mask": dict(attn_bias=U(b, 1, sq, sk) > 0.4),
+        "mask-empty-rows": dict(attn_bias=U(sq, sk) > 0.97),
+        "everything": dict(attn_bias=R(1, h, sq, sk), causal=True, softcap=5.0,
+                           alibi_slopes=U(h), window_size=(10, -1), scale=0.2),
     }
 
 
 def _options_cases():
     cases = []
-    for backend in CPU_BACKENDS:
+    for backend in HERE_BACKENDS:
         for name, options in _option_cases().items():
             if _serves(backend, softcap=options.get("softcap", 0.0), head_dim=SMALL[5], head_dim_v=SMALL[5]):
                 cases.append(pytest.param(backend, name, id=f"{backend}-{name}"))
@@ -215,20 +234,20 @@ def test_options(backend, name):
         assert (got[2][0][:, :, empty] == 0).all(), "a fully masked row must give dq 0"
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", HERE_BACKENDS)
 @pytest.mark.parametrize("seqlens", [(37, 45), (45, 37)], ids=["sq<sk", "sq>sk"])
 def test_sdpa_top_left_causal_and_gqa(backend, seqlens):
     q, k, v = _inputs(1, 4, 2, seqlens[0], seqlens[1], 32)
     check_attention(backend, q, k, v, sdpa=True, is_causal=True, enable_gqa=True)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", HERE_BACKENDS)
 def test_sdpa_float_mask(backend):
     q, k, v = _inputs(1, 2, 2, 37, 45, 32)
-    check_attention(backend, q, k, v, attn_bias=torch.randn(1, 1, 37, 45), sdpa=True)
+    check_attention(backend, q, k, v, attn_bias=R(1, 1, 37, 45), sdpa=True)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", HERE_BACKENDS)
 def test_fully_masked_rows_give_zero_and_neg_inf_lse(backend):
     q, k, v = (t.requires_grad_() for t in _inputs(1, 2, 1, 9, 4, 16))
     wants_lse = _serves(backend, head_dim=16, head_dim_v=16, return_lse=True)
@@ -252,11 +271,11 @@ def test_dropout_keep_mask_rate_and_reproducibility():
     kernels = _kernels()
     seed = torch.tensor([123456789012345], dtype=torch.int64)
     p = 0.3
-    keep = kernels.dropout_keep_mask(2, 2, 61, 67, p, seed, torch.device("cpu"))
+    keep = kernels.dropout_keep_mask(2, 2, 61, 67, p, seed, DEVICE)
     n = keep.numel()
     assert abs(keep.float().mean().item() - (1 - p)) < 4 * math.sqrt(p * (1 - p) / n)
-    assert torch.equal(keep, kernels.dropout_keep_mask(2, 2, 61, 67, p, seed, torch.device("cpu")))
-    other = kernels.dropout_keep_mask(2, 2, 61, 67, p, seed + 1, torch.device("cpu"))
+    assert torch.equal(keep, kernels.dropout_keep_mask(2, 2, 61, 67, p, seed, DEVICE))
+    other = kernels.dropout_keep_mask(2, 2, 61, 67, p, seed + 1, DEVICE)
     assert not torch.equal(other, keep)
     # rows, columns and heads get independent draws
     assert not torch.equal(keep[0, 0, 0], keep[0, 0, 1]) and not torch.equal(keep[0, 0], keep[0, 1])
@@ -272,7 +291,7 @@ def test_dropout_matches_reference_given_the_kernels_mask(dtype):
     seed = draw_rng_seed()  # what fastattn.attention draws after the same manual_seed
     keep = _kernels().dropout_keep_mask(batch, heads, seqlen_q, seqlen_k, p, seed, q.device)
     check_attention("triton", q, k, v, dtype=dtype, dropout_p=p, dropout_mask=keep, seed=7, causal=True,
-                    attn_bias=torch.randn(1, heads, seqlen_q, seqlen_k), alibi_slopes=torch.rand(heads))
+                    attn_bias=R(1, heads, seqlen_q, seqlen_k), alibi_slopes=U(heads))
 
 
 @needs_triton
@@ -295,15 +314,15 @@ def test_any_strides_without_copies():
     """Transposed (b, s, h, d) views, a sliced head_dim and an expanded (stride 0) output
     gradient give bitwise what contiguous inputs give; dq/dk/dv keep the inputs' layout."""
     b, h, hk, sq, sk, d = 2, 2, 1, 21, 23, 32
-    q_bshd = torch.randn(b, sq, h, d)
-    k_bshd = torch.randn(b, sk, hk, d)
-    v_wide = torch.randn(b, hk, sk, 2 * d)
+    q_bshd = R(b, sq, h, d)
+    k_bshd = R(b, sk, hk, d)
+    v_wide = R(b, hk, sk, 2 * d)
     q, k, v = q_bshd.transpose(1, 2), k_bshd.transpose(1, 2), v_wide[..., ::2]
-    bias = torch.randn(b, h, sk, sq).transpose(-1, -2)
+    bias = R(b, h, sk, sq).transpose(-1, -2)
     options = dict(causal=True, attn_bias=bias, return_lse=True, backend="triton")
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     out, lse = fastattn.attention(*leaves, **options)
-    dout = torch.randn(1, 1, 1, d).expand(out.shape)  # stride-0 gradient
+    dout = R(1, 1, 1, d).expand(out.shape)  # stride-0 gradient
     grads = torch.autograd.grad(out, leaves, dout)
     contiguous = [t.detach().contiguous().requires_grad_() for t in (q, k, v)]
     out_c, lse_c = fastattn.attention(*contiguous, **dict(options, attn_bias=bias.contiguous()))
@@ -319,13 +338,13 @@ def test_any_strides_without_copies():
 def test_backward_is_bitwise_deterministic():
     b, h, hk, sq, sk, d = 1, 2, 1, 37, 33, 40
     q, k, v = _inputs(b, h, hk, sq, sk, d)
-    bias = torch.randn(1, h, 1, sk)
+    bias = R(1, h, 1, sk)
 
     def grads():
         torch.manual_seed(11)
         leaves = [t.detach().requires_grad_() for t in (q, k, v, bias)]
         out = fastattn.attention(*leaves[:3], attn_bias=leaves[3], causal=True, dropout_p=0.2,
-                                 alibi_slopes=torch.ones(h) * 0.1, backend="triton")
+                                 alibi_slopes=torch.full((h,), 0.1, device=DEVICE), backend="triton")
         return torch.autograd.grad(out, leaves, torch.ones_like(out))
 
     first, second = grads(), grads()
@@ -340,7 +359,7 @@ def test_pinned_tile_configs(config, monkeypatch):
     bottom-right causal with seqlen_q > seqlen_k)."""
     monkeypatch.setenv(CONFIG_ENV, config)
     q, k, v = _inputs(1, 2, 1, 53, 41, 24)
-    check_attention("triton", q, k, v, window_size=(9, 0), attn_bias=torch.randn(53, 1))
+    check_attention("triton", q, k, v, window_size=(9, 0), attn_bias=R(53, 1))
 
 
 @needs_triton
@@ -387,8 +406,8 @@ def test_autotune_space_is_pruned_per_head_dim_and_dtype():
 def test_opcheck_with_every_option():
     b, h, hk, sq, sk, d = 1, 4, 2, 9, 13, 16
     q, k, v = _inputs(b, h, hk, sq, sk, d)
-    bias = torch.randn(1, h, sq, 1)
-    slopes = torch.rand(b, h)
+    bias = R(1, h, sq, 1)
+    slopes = U(b, h)
     seed = torch.tensor([42], dtype=torch.int64)
     fwd_args = (q, k, v, bias, slopes, seed, 0.3, 4, 2, False, 3.0, 0.25, "triton")
     torch.library.opcheck(torch.ops.fastattn.attention_fwd.default, fwd_args)
@@ -404,8 +423,8 @@ def test_compile_fullgraph_forward_and_backward_with_options():
     torch._dynamo.reset()
     b, h, hk, sq, sk, d = 1, 4, 2, 21, 17, 16
     q, k, v = _inputs(b, h, hk, sq, sk, d)
-    bias = torch.randn(1, h, sq, sk)
-    slopes = torch.rand(h)
+    bias = R(1, h, sq, sk)
+    slopes = U(h)
 
     def f(q_, k_, v_, bias_):
         out, lse = fastattn.attention(q_, k_, v_, attn_bias=bias_, causal=True, softcap=4.0, alibi_slopes=slopes,
@@ -442,7 +461,7 @@ def test_triton_refuses_what_it_cannot_serve():
             fastattn.attention(q, k, v, backend="triton")
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", HERE_BACKENDS)
 @pytest.mark.parametrize("bad,error,match", [
     (lambda q, k, v: (q, k[..., :8], v), ValueError, "same head_dim"),
     (lambda q, k, v: (q, k, v[:, :, :3]), ValueError, "k and v must agree"),
@@ -537,5 +556,5 @@ def test_gpu_fp32_uses_ieee_dots(head_dim, monkeypatch):
 
 
 def test_backends_listed_here_are_the_ones_that_run():
-    assert set(CPU_BACKENDS) <= set(backends.CONCRETE_BACKENDS)
-    assert "naive" in CPU_BACKENDS and "torch" in CPU_BACKENDS
+    assert set(HERE_BACKENDS) <= set(backends.CONCRETE_BACKENDS)
+    assert "naive" in HERE_BACKENDS and "torch" in HERE_BACKENDS
