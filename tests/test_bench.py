@@ -231,6 +231,40 @@ def test_wrong_provider_is_reported_failed_and_not_timed(monkeypatch, streamed_r
         assert outcomes[(mode, "skips")].reason == "needs a feature this case lacks"
 
 
+class _ZeroIncomingGradient(torch.autograd.Function):
+    """Identity whose backward overwrites the gradient it receives (as Liger's in-place
+    RMSNorm backward does)."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        out = grad.clone()
+        grad.zero_()
+        return out
+
+
+def _clobbering_layer_norm(shape, dtype, device):
+    def fn(x):
+        s = x["x"] if x["residual"] is None else x["x"] + x["residual"]
+        y = torch.nn.functional.layer_norm(s, [shape["hidden"]], x["weight"], x["bias"], 1e-5)
+        return _ZeroIncomingGradient.apply(y), s
+    return Provider("clobbers", fn)
+
+
+def test_a_backward_that_overwrites_dout_does_not_affect_the_next_provider():
+    records = []
+    config = RunConfig(device=torch.device("cpu"), dtype=torch.float32, sweep="cpu-quick", max_cases=1,
+                       providers=["first", "second"], modes=["bwd", "full"], timer=timing.CPU_QUICK,
+                       extra_providers={"layer_norm": {"first": _clobbering_layer_norm,
+                                                       "second": _clobbering_layer_norm}})
+    OpRunner(get_spec("layer_norm"), config, records.append).run()
+    assert [(r["provider"], r["outcome"].status) for r in records] == [
+        ("first", "ok"), ("second", "ok"), ("first", "ok"), ("second", "ok")]
+
+
 # ----------------------------------------------------------------------------- whole runs
 
 

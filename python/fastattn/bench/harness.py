@@ -330,7 +330,10 @@ class _Runnable:
     run(arg) returns (outputs, {grad_name: gradient}); `args` are what to rotate."""
 
     def __init__(self, spec: OpSpec, mode: str, provider: Provider, input_sets: Sequence[dict], dout):
-        self.mode, self.provider, self.dout = mode, provider, dout
+        # A copy of dout per provider: some backwards write into their incoming gradient
+        # (Liger's RMSNorm does, in place), which must not reach the next provider.
+        self.mode, self.provider = mode, provider
+        self.dout = dout.clone() if dout is not None and mode != "fwd" else None
         self.self_contained = spec.self_contained
         self.grad_names = [n for n in spec.grad_names if input_sets[0].get(n) is not None]
         if mode == "fwd" or self.self_contained:
