@@ -28,6 +28,8 @@ GRAD_NAMES = ("x", "w1", "b1", "w2", "b2")
 # (tokens, d_model, d_hidden, d_out): odd sizes, none a multiple of the interpreter's tile
 SHAPES = [(1, 24, 40, 24), (7, 40, 136, 72), (33, 72, 96, 40), (100, 24, 136, 24)]
 GPU = torch.device("cuda")
+# where the triton backend runs in this session: the GPU, else the interpreter on CPU
+TRITON_DEVICE = GPU if torch.cuda.is_available() else torch.device("cpu")
 
 
 def make_inputs(tokens, d_model, d_hidden, d_out, *, bias=(True, True), device="cpu", lead=(), exact_hidden=False):
@@ -169,8 +171,8 @@ def test_no_tokens(backend):
 
 
 def test_bias_gradients_are_deterministic():
-    inputs = make_inputs(40, 24, 96, 40)
-    cotangent = torch.randn(40, 40)
+    inputs = make_inputs(40, 24, 96, 40, device=TRITON_DEVICE)
+    cotangent = torch.randn(40, 40, device=TRITON_DEVICE)
     runs = [run(lambda *t: fastattn.ffn(*t, backend="triton"), as_leaves(inputs, torch.float32), cotangent)[1]
             for _ in range(2)]
     for a, b in zip(*runs):
@@ -179,7 +181,7 @@ def test_bias_gradients_are_deterministic():
 
 @pytest.mark.parametrize("save_hidden", [True, False], ids=["saved", "recompute"])
 def test_opcheck_triton(save_hidden):
-    x, w1, b1, w2, b2 = make_inputs(7, 24, 40, 40)
+    x, w1, b1, w2, b2 = make_inputs(7, 24, 40, 40, device=TRITON_DEVICE)
     torch.library.opcheck(ffn_op.ffn_fwd, (x, w1, b1, w2, b2, "gelu", save_hidden, "triton"))
     y, hidden = ffn_op.ffn_fwd(x, w1, b1, w2, b2, "gelu", save_hidden, "triton")
     dy = torch.randn_like(y)
@@ -190,8 +192,8 @@ def test_opcheck_triton(save_hidden):
 @pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recompute"])
 def test_compile_fullgraph_forward_and_backward(recompute):
     torch._dynamo.reset()
-    inputs = make_inputs(7, 24, 40, 24, lead=(2,))
-    cotangent = torch.randn(2, 7, 24)
+    inputs = make_inputs(7, 24, 40, 24, lead=(2,), device=TRITON_DEVICE)
+    cotangent = torch.randn(2, 7, 24, device=TRITON_DEVICE)
 
     def fn(*t):
         return fastattn.ffn(*t, activation="silu", recompute=recompute, backend="triton")
@@ -227,7 +229,7 @@ def test_pinned_config_variable(monkeypatch):
     pinned = _config.ffn_pinned_config()
     assert pinned["BLOCK_M"] == 16 and pinned["BLOCK_K"] == 16
     assert pinned["num_warps"] == _config.FFN_DEFAULT["num_warps"]
-    check_against_reference(make_inputs(33, 40, 96, 40), torch.float32, "triton", "gelu")
+    check_against_reference(make_inputs(33, 40, 96, 40, device=TRITON_DEVICE), torch.float32, "triton", "gelu")
     for bad in ("BLOCK_M=48", "BLOCK_M=8", "BLOCK_Q=16", "num_warps=0", "BLOCK_M"):
         monkeypatch.setenv(_config.FFN_CONFIG_ENV, bad)
         with pytest.raises(ValueError, match=_config.FFN_CONFIG_ENV):
@@ -252,7 +254,7 @@ def test_autotune_space():
 
 
 def test_triton_limits():
-    x, w1, b1, w2, b2 = make_inputs(4, 24, 40, 24)
+    x, w1, b1, w2, b2 = make_inputs(4, 24, 40, 24, device=TRITON_DEVICE)
     with pytest.raises(ValueError, match="triton.*float64"):
         fastattn.ffn(x.double(), w1.double(), b1.double(), w2.double(), b2.double(), backend="triton")
     if fastattn.backends.triton_interpreter_on():
@@ -263,7 +265,8 @@ def test_triton_limits():
 
 R = torch.randn
 BAD_INPUTS = {
-    "x not a tensor": (lambda: fastattn.ffn([1.0], R(4, 2), None, R(2, 4), None), TypeError, "x must be a torch.Tensor"),
+    "x not a tensor": (lambda: fastattn.ffn([1.0], R(4, 2), None, R(2, 4), None), TypeError,
+                       "x must be a torch.Tensor"),
     "x 0-D": (lambda: fastattn.ffn(R(()), R(4, 1), None, R(1, 4), None), ValueError, "x must be at least 1-D"),
     "w1 1-D": (lambda: fastattn.ffn(R(3, 8), R(8), None, R(8, 8), None), ValueError, "w1 must be 2-D"),
     "w1 int": (lambda: fastattn.ffn(R(3, 8), torch.ones(4, 8, dtype=torch.int32), None, R(8, 4), None), TypeError,
@@ -305,7 +308,8 @@ _COMPILE_FOR_GPU = textwrap.dedent("""
                     "stride_b2n", "stride_cn"}  # as launched on contiguous tensors (Wᵀ and dHᵀ read in place)
     FLAGS = dict(ACTIVATION="gelu", HAS_BIAS=True, STORE_OUT=True, STORE_PRE=True, STORE_ACT=True,
                  STORE_PROD=True, DUAL=True, HAS_ROW_SUM=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
-    for arch, dtype, precision in ((90, "bf16", "tf32"), (90, "fp32", "tf32"), (80, "fp16", "tf32"), (80, "fp32", "ieee")):
+    TARGETS = ((90, "bf16", "tf32"), (90, "fp32", "tf32"), (80, "fp16", "tf32"), (80, "fp32", "ieee"))
+    for arch, dtype, precision in TARGETS:
         for fn in (K._ffn_fwd_kernel, K._gated_ffn_fwd_kernel, K._ffn_bwd_dact_kernel,
                    K._gated_ffn_bwd_dgated_kernel, K._ffn_bwd_gemm_kernel):
             signature, constants, attrs = {}, {}, {}

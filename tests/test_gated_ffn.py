@@ -23,6 +23,8 @@ GRAD_NAMES = ("x", "w_gate", "w_up", "w_down")
 # (tokens, d_model, d_hidden, d_out): odd sizes, none a multiple of the interpreter's tile
 SHAPES = [(1, 24, 40, 24), (7, 40, 136, 72), (33, 72, 96, 40), (100, 24, 136, 24)]
 GPU = torch.device("cuda")
+# where the triton backend runs in this session: the GPU, else the interpreter on CPU
+TRITON_DEVICE = GPU if torch.cuda.is_available() else torch.device("cpu")
 
 
 def make_inputs(tokens, d_model, d_hidden, d_out, *, device="cpu", lead=(), exact_gate=False):
@@ -150,7 +152,7 @@ def test_no_tokens(backend):
 
 @pytest.mark.parametrize("save_hidden", [True, False], ids=["saved", "recompute"])
 def test_opcheck_triton(save_hidden):
-    x, w_gate, w_up, w_down = make_inputs(7, 24, 40, 40)
+    x, w_gate, w_up, w_down = make_inputs(7, 24, 40, 40, device=TRITON_DEVICE)
     torch.library.opcheck(gated_op.gated_ffn_fwd, (x, w_gate, w_up, w_down, "gelu", save_hidden, "triton"))
     y, gate, up = gated_op.gated_ffn_fwd(x, w_gate, w_up, w_down, "gelu", save_hidden, "triton")
     torch.library.opcheck(gated_op.gated_ffn_bwd,
@@ -160,8 +162,8 @@ def test_opcheck_triton(save_hidden):
 @pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recompute"])
 def test_compile_fullgraph_forward_and_backward(recompute):
     torch._dynamo.reset()
-    inputs = make_inputs(7, 24, 40, 24, lead=(2,))
-    cotangent = torch.randn(2, 7, 24)
+    inputs = make_inputs(7, 24, 40, 24, lead=(2,), device=TRITON_DEVICE)
+    cotangent = torch.randn(2, 7, 24, device=TRITON_DEVICE)
 
     def fn(*t):
         return fastattn.gated_ffn(*t, recompute=recompute, backend="triton")
@@ -176,8 +178,8 @@ def test_compile_fullgraph_forward_and_backward(recompute):
 
 def test_compile_with_inductor():
     torch._dynamo.reset()
-    inputs = make_inputs(7, 24, 40, 24)
-    cotangent = torch.randn(7, 24)
+    inputs = make_inputs(7, 24, 40, 24, device=TRITON_DEVICE)
+    cotangent = torch.randn(7, 24, device=TRITON_DEVICE)
 
     def fn(*t):
         return fastattn.gated_ffn(*t, backend="triton") * 2
@@ -190,7 +192,7 @@ def test_compile_with_inductor():
 
 
 def test_triton_limits():
-    x, w_gate, w_up, w_down = make_inputs(4, 24, 40, 24)
+    x, w_gate, w_up, w_down = make_inputs(4, 24, 40, 24, device=TRITON_DEVICE)
     with pytest.raises(ValueError, match="triton.*float64"):
         fastattn.gated_ffn(x.double(), w_gate.double(), w_up.double(), w_down.double(), backend="triton")
     if fastattn.backends.triton_interpreter_on():
