@@ -202,3 +202,87 @@ def test_autocast_bf16_forward_backward():
     assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
     loss.backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize("backend", variant_backends(VARIANTS["llama"]))
+def test_autocast_fp16_matches_naive(backend):
+    """Mixed precision: fp16 activations, fp32 weights and residual stream (float16
+    because the Triton interpreter cannot multiply bfloat16)."""
+    torch.manual_seed(0)
+    naive = GPT(VARIANTS["llama"], backend="naive")
+    ours = GPT(VARIANTS["llama"], backend=backend)
+    ours.load_state_dict(naive.state_dict())
+    idx = torch.randint(0, 256, (1, 8))
+    results = []
+    for model in (naive, ours):
+        with torch.autocast("cpu", dtype=torch.float16):
+            logits, loss = model(idx, idx)
+        loss.backward()
+        results.append((logits.float(), model.embed.weight.grad))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=5e-3, rtol=5e-3)
+    torch.testing.assert_close(results[1][1], results[0][1], atol=2e-3, rtol=1e-2)
+
+
+@pytest.mark.slow
+def test_compiled_model_forward_and_backward():
+    """torch.compile(fullgraph=True) of the whole model, as fastattn-train --compile runs it."""
+    config = VARIANTS["llama"]
+    model = GPT(config, backend="torch")
+    compiled = torch.compile(model, fullgraph=True)
+    idx = torch.randint(0, 256, (2, 16))
+    logits, loss = compiled(idx, idx)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    eager_logits, eager_loss = model(idx, idx)
+    eager_loss.backward()
+    torch.testing.assert_close(logits, eager_logits, atol=1e-5, rtol=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def cuda_cases():
+    if not torch.cuda.is_available():
+        return [pytest.param("none", "none", id="no-cuda")]
+    device = torch.device("cuda")
+    cases = []
+    for name in ("gpt2", "llama"):
+        config = VARIANTS[name]
+        tables = [attention_op.BACKENDS, decode_op.BACKENDS,
+                  rms_norm_op.BACKENDS if config.norm == "rmsnorm" else layer_norm_op.BACKENDS,
+                  gated_ffn_op.BACKENDS if config.mlp == "swiglu" else ffn_op.BACKENDS]
+        for backend in backends_of(attention_op.BACKENDS, device):
+            if backend != "naive" and all(backend in backends_of(t, device) for t in tables):
+                cases.append(pytest.param(name, backend, id=f"{name}-{backend}"))
+    return cases
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant,backend", cuda_cases())
+def test_cuda_bf16_training_step_and_cached_decoding(variant, backend):
+    """On the GPU, at a realistic width: a bf16-autocast training step of every backend
+    against the naive one (same weights), and KV-cache logits against full recompute."""
+    config = VARIANTS[variant].replace(d_model=512, n_heads=8, n_kv_heads=2 if variant == "llama" else None,
+                                       n_layers=2, max_seq_len=512, d_ff=None)
+    torch.manual_seed(0)
+    naive = GPT(config, backend="naive", device="cuda")
+    ours = GPT(config, backend=backend, device="cuda")
+    ours.load_state_dict(naive.state_dict())
+    idx = torch.randint(0, 256, (4, 256), device="cuda")
+    results = []
+    for model in (naive, ours):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits, loss = model(idx, idx)
+        loss.backward()
+        results.append((logits.float(), loss.detach(), model.embed.weight.grad.float()))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=0.1, rtol=0.05)
+    torch.testing.assert_close(results[1][1], results[0][1], atol=0.02, rtol=0.01)
+    torch.testing.assert_close(results[1][2], results[0][2], atol=2e-3, rtol=0.1)
+    ours = ours.to(torch.bfloat16).eval()
+    with torch.no_grad():
+        full, _ = ours(idx[:, :200])
+        cache = ours.new_kv_cache(4, 200, page_size=16 if variant == "llama" else 0)
+        parts = [ours(idx[:, :190], kv_cache=cache)[0]] + [
+            ours(idx[:, i : i + 1], kv_cache=cache)[0] for i in range(190, 200)
+        ]
+    torch.testing.assert_close(torch.cat(parts, dim=1).float(), full.float(), atol=0.1, rtol=0.05)

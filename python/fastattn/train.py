@@ -481,9 +481,10 @@ def _train(args: argparse.Namespace, info: Dist, device: torch.device) -> TrainR
     if args.compile:
         model = torch.compile(model)
     model = wrap_parallel(model, args, info, device)
+    sharded = any(type(p).__name__ == "DTensor" for p in core.parameters())
     optimizer = torch.optim.AdamW(
         param_groups(core, args.weight_decay), lr=args.lr, betas=tuple(args.betas),
-        fused=device.type == "cuda",
+        fused=device.type == "cuda" and not sharded,
     )
     start_step = 0
     if payload is not None:
