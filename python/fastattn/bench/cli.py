@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .run import OP_CHOICES
+from .spec import SWEEPS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default=None, help="comma-separated modes: fwd,bwd,full (default: all)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="auto: cuda when available")
+    p.add_argument("--sweep", choices=SWEEPS, default=None,
+                   help="which sweep of shapes (default: full or, with --quick, quick on CUDA; cpu or "
+                        "cpu-quick on CPU)")
     p.add_argument("--max-cases", type=int, default=None, help="only the first N shapes of each op's sweep")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="stop measuring (rows marked skipped) after this long, shared out among the ops; "
@@ -63,9 +67,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    sweep = args.sweep or default_sweep(device, args.quick)
     if args.list:
-        return _list(expand_ops(ops), default_sweep(device, args.quick), args)
-    output = run_benchmarks(ops, out=args.out, device=device, dtype=dtype, quick=args.quick,
+        return _list(expand_ops(ops), sweep, args)
+    output = run_benchmarks(ops, out=args.out, device=device, dtype=dtype, sweep=sweep,
                             providers=_split(args.providers), modes=_split(args.modes), max_cases=args.max_cases,
                             time_budget_s=args.time_budget, progress=not args.no_progress,
                             plots=not args.no_plots)

@@ -112,16 +112,13 @@ def randn(shape: Sequence[int], dtype: torch.dtype, device: torch.device, genera
     return t.to(dtype)
 
 
-def upcast(inputs: Mapping) -> dict:
-    return {k: v.float() if isinstance(v, Tensor) and v.is_floating_point() else v for k, v in inputs.items()}
-
-
 def rows_chunked_reference(fn: Callable, inputs: Mapping, row_names: Sequence[str], rows: int,
                            chunk: int, dout: Optional[Tensor], grad_names: Sequence[str]
                            ) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
     """fn(**inputs) in fp32 computed `chunk` rows at a time: (outputs, gradients of the
     first output), materialized (see reference.RowChunkedReference)."""
-    return RowChunkedReference(fn, inputs, row_names, rows, chunk, dout, grad_names, n_outputs=0).materialize()
+    chunked = RowChunkedReference(fn, inputs, row_names, rows, chunk, dout, grad_names, n_outputs=0)
+    return chunked.materialize()
 
 
 # ----------------------------------------------------------------------------- providers

@@ -73,8 +73,7 @@ class ModelSpec(OpSpec):
         config = self.config(shape)
         length = shape["seqlen"] if self.train else shape["prompt_len"]
         idx = torch.randint(0, config.vocab_size, (shape["batch"], length), generator=generator, device=device)
-        # Training is checked on its own batch (so a compiled model compiles that graph once),
-        # decoding on the prompt of the first sequence.
+        # Training is checked on its own batch, decoding on the first sequence's prompt.
         inputs = {"idx": idx, "check_idx": idx if self.train else idx[:1]}
         if self.train:
             inputs["targets"] = torch.randint(0, config.vocab_size, idx.shape, generator=generator, device=device)
@@ -135,8 +134,11 @@ def _provider(name: str, train: bool):
             return inputs
 
         def check(x):
-            with torch.set_grad_enabled(train):  # training: the graph the step will run
-                return forward(x["check_idx"])[0].detach()
+            if train:  # the very call the training step makes, so a compiled model compiles it once
+                with torch.enable_grad():
+                    return forward(x["idx"], x["targets"])[0].detach()
+            with torch.no_grad():
+                return forward(x["check_idx"])[0]
 
         if train:
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
