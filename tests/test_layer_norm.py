@@ -2,10 +2,16 @@
 reference over hidden sizes 1..5000 (16384 and 65536 marked slow), rows 1..3000, fp32,
 fp16 and bf16, with and without weight, bias, residual, prenorm and residual_in_fp32;
 the triton kernel's looped path (pinned narrow tiles), strides (stride-0 gradients
-included), saved statistics, deterministic dweight/dbias, opcheck, torch.compile and bad
-inputs. Shared machinery: tests/norm_cases.py."""
+included), saved statistics, deterministic dweight/dbias, opcheck, torch.compile, bad inputs,
+and (slow) a PTX compile of the kernel pair for sm_90 / sm_80, which also covers
+rms_norm. Shared machinery: tests/norm_cases.py."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -240,3 +246,68 @@ def test_config_space_serves_every_hidden_size():
             assert single_pass == (hidden <= (_config.LAYER_NORM_MAX_FUSED_BWD if backward
                                               else _config.LAYER_NORM_MAX_FUSED_FWD))
 
+
+
+_COMPILE_FOR_GPU = textwrap.dedent("""
+    import itertools, re, sys
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from fastattn.kernels import layer_norm as K
+
+    FP32 = {"MEAN", "RSTD", "DW_PARTIAL", "DB_PARTIAL"}
+    UNIT_STRIDES = {"stride_xn", "stride_rn", "stride_yn", "stride_on", "stride_w", "stride_b", "stride_dyn",
+                    "stride_drn", "stride_sn", "stride_dsn", "stride_mean", "stride_rstd"}
+
+    def ptx(fn, arch, dtypes, constexprs, num_warps):
+        signature, constants, attrs = {}, {}, {}
+        for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
+            if param.is_constexpr:
+                signature[name], constants[(i,)] = "constexpr", constexprs[name]
+            elif name in UNIT_STRIDES:  # Triton specializes a stride of 1 like this
+                signature[name], constants[(i,)] = "constexpr", 1
+            elif name.isupper() and name not in ("M", "N"):
+                signature[name] = "*fp32" if name in FP32 else "*" + dtypes.get(name, dtypes["x"])
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            else:
+                signature[name] = "fp32" if name == "eps" else "i32"
+                if name != "eps":
+                    attrs[(i,)] = [["tt.divisibility", 16]]  # hidden % 16 == 0, as launched then
+        kernel = triton.compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", arch, 32),
+                                options={"num_warps": num_warps})
+        return kernel.asm["ptx"]
+
+    cases = [(90, x, s, rms, single) for (x, s), rms, single in itertools.product(
+        (("bf16", "bf16"), ("fp16", "fp32"), ("fp32", "fp32")), (False, True), (True, False))]
+    cases += [(80, "bf16", "fp32", False, True), (80, "fp16", "fp16", True, False)]
+    for arch, x, s, rms, single in cases:
+        block_n, rows = (1024, 4) if single else (4096, 2)
+        flags = dict(IS_RMS_NORM=rms, HAS_WEIGHT=True, HAS_BIAS=not rms, SINGLE_PASS=single, BLOCK_N=block_n,
+                     ROWS=rows)
+        fwd = ptx(K._layer_norm_fwd_kernel, arch, {"x": x, "R": s, "R_OUT": s}, dict(flags, HAS_RESIDUAL=True), 8)
+        bwd = ptx(K._layer_norm_bwd_kernel, arch, {"x": x, "S": s, "DS": s, "DRES": s},
+                  dict(flags, HAS_DRESIDUAL=True), 8)
+        for name, code in (("fwd", fwd), ("bwd", bwd)):
+            if not re.search(r"ld\\.global(\\.[a-z0-9_]+)*\\.v4", code):
+                sys.exit(f"{name} sm_{arch} {x}/{s} rms={rms} single={single}: no 128-bit global loads")
+        print(arch, x, s, rms, single)
+    for single, block_n, rows in ((True, 1, 128), (False, 16, 1)):
+        flags = dict(IS_RMS_NORM=False, HAS_WEIGHT=False, HAS_BIAS=False, SINGLE_PASS=single, BLOCK_N=block_n,
+                     ROWS=rows)
+        ptx(K._layer_norm_fwd_kernel, 90, {"x": "bf16"}, dict(flags, HAS_RESIDUAL=False), 4)
+        ptx(K._layer_norm_bwd_kernel, 90, {"x": "bf16"}, dict(flags, HAS_DRESIDUAL=False), 4)
+        print("plain", single, block_n)
+""")
+
+
+@pytest.mark.slow
+def test_triton_kernels_compile_for_sm90_and_sm80():
+    """Without a GPU: Triton compiles the norm kernels (both ops, both row layouts, with
+    and without every option) to PTX for sm_90 and sm_80, with 128-bit global loads for
+    contiguous rows: what the interpreter cannot check."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_GPU], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("\n") == 16
