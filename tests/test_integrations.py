@@ -103,8 +103,15 @@ def test_patch_sdpa_nests_and_restores_on_error():
 # ----------------------------------------------------------------------------- transformers
 
 
+@pytest.fixture
+def hf():
+    """The transformers package; its tests are skipped where it is not installed."""
+    return pytest.importorskip("transformers", reason="transformers is not installed")
+
+
 def hf_configs():
-    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    import transformers
+
     small = dict(vocab_size=128, max_position_embeddings=64)
     return {
         "llama": transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -161,7 +168,7 @@ def hf_cases():
 
 
 @pytest.mark.parametrize("name,backend", hf_cases())
-def test_transformers_models_match_eager(name, backend):
+def test_transformers_models_match_eager(hf, name, backend):
     eager, ours = hf_pair(name, implementation_for(backend))
     ids, mask = left_padded_batch()
     real = mask.bool()
@@ -173,7 +180,7 @@ def test_transformers_models_match_eager(name, backend):
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
-def test_transformers_generation_and_gradients_match_eager(name):
+def test_transformers_generation_and_gradients_match_eager(hf, name):
     fa_hf.register()
     eager, ours = hf_pair(name, "fastattn")
     ids, mask = left_padded_batch()
@@ -194,7 +201,7 @@ def test_transformers_generation_and_gradients_match_eager(name):
     ("gpt2", {"Sequential": 2, "LayerNorm": 5}),
     ("bert", {"LayerNorm": 5}),
 ])
-def test_patch_modules_swaps_norms_and_mlps(name, expected):
+def test_patch_modules_swaps_norms_and_mlps(hf, name, expected):
     fa_hf.register()
     eager, ours = hf_pair(name, "fastattn")
     swapped = fa_hf.patch_modules(ours)
@@ -209,15 +216,28 @@ def test_patch_modules_swaps_norms_and_mlps(name, expected):
     assert fa_hf.patch_modules(ours) == {}  # already swapped: nothing left to do
 
 
-def test_transformers_from_pretrained(tmp_path):
-    import transformers
-
+def test_transformers_from_pretrained(hf, tmp_path):
     fa_hf.register()
     eager, _ = hf_pair("llama", "fastattn")
     eager.save_pretrained(tmp_path)
-    ours = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="fastattn").eval()
+    ours = hf.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="fastattn").eval()
     assert ours.config._attn_implementation == "fastattn"
     ids, mask = left_padded_batch()
     with torch.no_grad():
         torch.testing.assert_close(output(ours, ids, mask)[mask.bool()], output(eager, ids, mask)[mask.bool()],
                                    atol=2e-5, rtol=2e-5)
+
+
+def test_register_without_transformers_says_what_is_missing(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_transformers(name, *args, **kwargs):
+        if name == "transformers" or name.startswith("transformers."):
+            raise ImportError("No module named 'transformers'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_transformers)
+    with pytest.raises(ImportError, match="needs transformers"):
+        fa_hf.register()

@@ -10,7 +10,8 @@ register() adds `attention_forward` to transformers' AttentionInterface and, und
 the same name, its SDPA-style mask builder to AttentionMaskInterface: the model then
 hands us a boolean (batch, 1, q_len, kv_len) mask (True = attend) where padding or a
 cache offset needs one, and None where causality alone (or nothing) masks, exactly as
-it does for "sdpa". Keys and values arrive with their own kv_heads (GQA runs natively,
+it does for "sdpa". (Versions before transformers.masking_utils pass their additive
+float "eager" mask instead, which works as well.) Keys and values arrive with their own kv_heads (GQA runs natively,
 no repeat). This module imports transformers only inside its functions.
 """
 
@@ -91,13 +92,18 @@ def register(name: str = DEFAULT_NAME, *, backend: Optional[str] = None) -> None
     current default at call time). Needs the transformers package."""
     try:
         from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     except ImportError as error:
         raise ImportError(
             "fastattn.integrations.transformers.register() needs transformers with the "
             "AttentionInterface API (4.48 or newer)"
         ) from error
     AttentionInterface.register(name, make_attention_forward(backend))
+    try:
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:
+        # Before masking_utils, models hand a custom implementation the additive float
+        # mask they build for "eager", which attention_forward takes as it is.
+        return
     AttentionMaskInterface.register(name, sdpa_mask)
 
 
