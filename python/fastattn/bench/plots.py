@@ -79,7 +79,11 @@ def plot_op(header: dict, rows: list[dict], op: str, path: Path) -> Optional[Pat
         title = " · ".join([mode] + [f"{k}={v}" for k, v in group])
         ax.set_title(title, fontsize=9)
         ax.grid(True, alpha=0.3)
-    handles, labels = axes.flat[0].get_legend_handles_labels()
+    legend = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    handles, labels = list(legend.values()), list(legend)
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), fontsize=8, frameon=False)
     fig.suptitle(f"{op} — {header.get('device', '')}, {header.get('dtype', '')}", fontsize=11)
     fig.tight_layout(rect=(0, 0.07 if lines == 1 else 0.04, 1, 0.95))
@@ -96,7 +100,8 @@ def _bar_plot(plt, header, rows, op, metric, path):
     fig, axes = plt.subplots(1, len(shapes), figsize=(4.5 * len(shapes), 3.6), squeeze=False)
     for ax, shape_rows in zip(axes.flat, shapes.values()):
         shape_rows = sorted(shape_rows, key=lambda r: provider_sort_key(r["provider"]))
-        ax.bar([r["provider"] for r in shape_rows], [r[metric] for r in shape_rows], color="tab:blue")
+        ax.bar([r["provider"] for r in shape_rows], [r[metric] for r in shape_rows],
+               color=[provider_color(r["provider"]) for r in shape_rows])
         ax.set_title(shape_label(op, shape_rows[0]["shape"]), fontsize=9)
         ax.set_ylabel(METRIC_UNITS[metric])
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)

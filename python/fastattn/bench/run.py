@@ -10,6 +10,7 @@ Copy that folder into benchmarks/results/ to commit a GPU run.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import platform
 import sys
 import time
@@ -94,6 +95,9 @@ def run_benchmarks(
         time_budget_s = DEFAULT_GPU_BUDGET_S if sweep == "full" else 0.0
     spec_names = expand_ops(ops)
     started = time.monotonic()
+    if plots and importlib.util.find_spec("matplotlib") is None:
+        log("matplotlib is not installed: no plots (pip install matplotlib)")
+        plots = False
     if device.type != "cuda":
         log(CPU_NOTE)
     with _cpu_threads(device):
