@@ -41,7 +41,8 @@ def run(tmp_path, *extra, out="run", small=SMALL):
 
 def test_thirty_steps_lower_the_loss(tmp_path):
     default_corpus = [a for a in SMALL if a != "--data" and a != argparse.__file__] + ["--max-corpus-mb", "0.25"]
-    result = run(tmp_path, small=default_corpus, *("--max-steps", "30", "--lr", "3e-3", "--eval-interval", "15", "--eval-batches", "2"))
+    result = run(tmp_path, "--max-steps", "30", "--lr", "3e-3", "--eval-interval", "15", "--eval-batches", "2",
+                 small=default_corpus)
     assert result.step == 30 and len(result.losses) == 30
     first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
     assert last < first - 0.5, (first, last)

@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=1, help="sequences generated side by side")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
-    p.add_argument("--page-size", type=int, default=0, help="paged KV cache with pages of N positions (0 = contiguous)")
+    p.add_argument("--page-size", type=int, default=0,
+                   help="paged KV cache with pages of N positions (0 = contiguous)")
     return p
 
 

@@ -112,8 +112,8 @@ class _Norm(_BackendMixin, nn.Module):
     def _finish(self, x: Tensor, result, prenorm: bool):
         if prenorm:
             y, summed = result
-            return y.reshape(x.shape), summed.reshape(x.shape)
-        return result.reshape(x.shape)
+            return y.reshape(x.shape), summed.reshape(x.shape)  # (..., *normalized_shape) each
+        return result.reshape(x.shape)  # (..., *normalized_shape)
 
     def extra_repr(self) -> str:
         return (f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
@@ -387,7 +387,8 @@ class LayerKVCache:
         out = []
         for cache in (self.k, self.v):
             gathered = cache[table]  # (batch, pages, kv_heads, page_size, d)
-            gathered = gathered.transpose(1, 2).reshape(self.batch, cache.shape[1], -1, cache.shape[3])
+            gathered = gathered.transpose(1, 2)  # (batch, kv_heads, pages, page_size, d)
+            gathered = gathered.reshape(self.batch, cache.shape[1], -1, cache.shape[3])  # (b, hk, pages·page, d)
             out.append(gathered[:, :, : self.length])  # (batch, kv_heads, length, d)
         return out[0], out[1]
 

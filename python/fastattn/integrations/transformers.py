@@ -179,7 +179,8 @@ def _replacement(module: nn.Module, backend: Optional[str]) -> Optional[tuple[nn
             getattr(new, n).weight.data.copy_(getattr(module, n).weight.data)
         return new, d_model
     c_fc, c_proj = getattr(module, "c_fc", None), getattr(module, "c_proj", None)
-    if type(c_fc).__name__ == "Conv1D" and type(c_proj).__name__ == "Conv1D" and callable(getattr(module, "act", None)):
+    gpt2_mlp = type(c_fc).__name__ == "Conv1D" and type(c_proj).__name__ == "Conv1D"
+    if gpt2_mlp and callable(getattr(module, "act", None)):
         # GPT-2's Conv1D keeps its weight as (in_features, out_features): transposed nn.Linear.
         act = _activation_name(module.act, param.dtype, param.device)
         if act is None:
