@@ -64,10 +64,30 @@ def _reference_backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     )
 
 
+def _triton_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_seed, scale, window_left,
+                    window_right, softcap, dropout_p):
+    """The dense Triton kernels in their packed (IS_VARLEN) mode. The registered forward
+    does not pass max_seqlen_q/k, so the grid's longest sequences are read from
+    cu_seqlens here (one device-to-host copy)."""
+    from fastattn.kernels import attention as kernels  # lazily: importing triton is slow
+
+    lengths = torch.stack([cu_seqlens_q[1:] - cu_seqlens_q[:-1], cu_seqlens_k[1:] - cu_seqlens_k[:-1]])
+    max_seqlen_q, max_seqlen_k = lengths.amax(dim=1).tolist() if lengths.shape[1] else (0, 0)
+    return kernels.varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                            alibi_slopes, rng_seed, scale, window_left, window_right, softcap,
+                                            dropout_p)
+
+
+def _triton_backward(*args):
+    from fastattn.kernels import attention as kernels
+
+    return kernels.varlen_attention_backward(*args)
+
+
 BACKENDS = BackendTable(
     "varlen_attention",
-    forward={"naive": _naive_forward, "torch": _torch_forward},
-    backward={"naive": _reference_backward, "torch": _reference_backward},
+    forward={"naive": _naive_forward, "torch": _torch_forward, "triton": _triton_forward},
+    backward={"naive": _reference_backward, "torch": _reference_backward, "triton": _triton_backward},
     limits=dense.limits,
 )
 

@@ -1,0 +1,325 @@
+"""fastattn.varlen_attention on the Triton backend (the dense kernels in packed mode).
+
+Each call is checked against the float64 reference (FlashAttention's rule, helpers.py):
+output, lse and the gradients of q, k, v (lse's own gradient included), over ragged
+batches with empty sequences (no queries, no keys, neither), more queries than keys,
+odd head dims, GQA 1:1, 2:1, 4:1, and every option (causal and windows bottom-right per
+sequence, softcap, ALiBi per head or per sequence, scale, dropout against the reference
+given the kernel's own keep-mask). Also: a sequence of the packed batch gives bitwise
+what the dense kernel gives it alone, any strides without copies, pinned tile configs,
+opcheck, torch.compile, and the Triton path's refusals. Bad input shared by every
+backend is in test_api.py.
+
+CPU runs the kernels in the interpreter (fp32 and fp16; bf16 tl.dot is broken there);
+the `gpu` tests run fp16/bf16 over long sequences with the autotuned kernels.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Optional
+
+import pytest
+import torch
+
+import fastattn
+from fastattn import reference
+from fastattn.ops import varlen_attention as varlen_op
+from fastattn.ops._common import draw_rng_seed
+from helpers import FACTOR, GRAD_FACTOR, assert_within_naive_error, backends_of
+
+CONFIG_ENV = "FASTATTN_ATTENTION_CONFIG"
+HAS_TRITON = "triton" in backends_of(varlen_op.BACKENDS)
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed or TRITON_INTERPRET is off")
+
+
+def _kernels():
+    from fastattn.kernels import attention as kernels
+
+    return kernels
+
+
+def _cu(lengths, device="cpu"):
+    return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+
+
+def _packed(lengths_q, lengths_k, heads, kv_heads, head_dim, head_dim_v=None, device="cpu"):
+    head_dim_v = head_dim if head_dim_v is None else head_dim_v
+    return (torch.randn(sum(lengths_q), heads, head_dim, device=device),
+            torch.randn(sum(lengths_k), kv_heads, head_dim, device=device),
+            torch.randn(sum(lengths_k), kv_heads, head_dim_v, device=device))
+
+
+def _finite(lse):
+    return torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+
+
+def _reference(q, k, v, lengths_q, lengths_k, keep: Optional[torch.Tensor], **options):
+    """reference.varlen_attention (out, lse); with `keep` (batch, heads, max_sq, max_sk),
+    sequence i drops by keep[i] cropped to its lengths (what the kernels draw)."""
+    if keep is None:
+        return reference.varlen_attention(q, k, v, _cu(lengths_q, q.device), _cu(lengths_k, q.device),
+                                          return_lse=True, **options)
+    slopes = options.pop("alibi_slopes", None)
+    starts_q, starts_k = _cu(lengths_q).tolist(), _cu(lengths_k).tolist()
+    outs, lses = [], []
+    for i, (sq, sk) in enumerate(zip(lengths_q, lengths_k)):
+        rows_q, rows_k = slice(starts_q[i], starts_q[i] + sq), slice(starts_k[i], starts_k[i] + sk)
+        slopes_i = slopes[i] if slopes is not None and slopes.dim() == 2 else slopes
+        out_i, lse_i = reference.attention(
+            q[rows_q].transpose(0, 1)[None], k[rows_k].transpose(0, 1)[None], v[rows_k].transpose(0, 1)[None],
+            alibi_slopes=slopes_i, dropout_mask=keep[i : i + 1, :, :sq, :sk], return_lse=True, **options)
+        outs.append(out_i[0].transpose(0, 1))  # (sq, h, dv)
+        lses.append(lse_i[0])  # (h, sq)
+    return torch.cat(outs), torch.cat(lses, dim=1)
+
+
+def check_varlen(lengths_q, lengths_k, heads, kv_heads, head_dim, *, head_dim_v=None, dtype=torch.float32,
+                 keep=None, seed=None, **options):
+    """One fastattn.varlen_attention(backend='triton') call against the float64
+    reference: out, lse and the gradients of <out, dout> + <lse, dlse> (finite part).
+    With dropout, torch.manual_seed(seed) runs right before our call (so that it draws
+    the rng_seed `keep` was made from). Returns (out, lse, dq, dk, dv)."""
+    q, k, v = _packed(lengths_q, lengths_k, heads, kv_heads, head_dim, head_dim_v)
+    cu_q, cu_k = _cu(lengths_q), _cu(lengths_k)
+    dout = torch.randn(q.shape[0], heads, v.shape[-1])
+    dlse = torch.randn(heads, q.shape[0])
+    slopes = options.pop("alibi_slopes", None)
+
+    def run(fn, cast):
+        leaves = [t.detach().to(cast).requires_grad_() for t in (q, k, v)]
+        out, lse = fn(*leaves, dict(options, alibi_slopes=slopes))
+        loss = (out * dout.to(out.dtype)).sum() + (_finite(lse) * dlse).sum()
+        return (out, lse, *torch.autograd.grad(loss, leaves))
+
+    def reference_fn(q_, k_, v_, opts):
+        return _reference(q_, k_, v_, lengths_q, lengths_k, keep, **opts)
+
+    def ours(q_, k_, v_, opts):
+        if seed is not None:
+            torch.manual_seed(seed)
+        return fastattn.varlen_attention(q_, k_, v_, cu_q, cu_k, max(lengths_q, default=0),
+                                         max(lengths_k, default=0), return_lse=True, backend="triton", **opts)
+
+    ref, naive, got = run(reference_fn, torch.float64), run(reference_fn, dtype), run(ours, dtype)
+    assert got[0].dtype == dtype and got[0].shape == ref[0].shape
+    assert_within_naive_error(got[0], naive[0], ref[0], what="out")
+    assert got[1].dtype == torch.float32 and got[1].shape == ref[1].shape
+    assert torch.equal(torch.isneginf(got[1]), torch.isneginf(ref[1])), "lse: -inf rows differ"
+    assert_within_naive_error(_finite(got[1]), _finite(naive[1]), _finite(ref[1]), atol=1e-5, what="lse")
+    for name, ours_grad, naive_grad, ref_grad in zip(("dq", "dk", "dv"), got[2:], naive[2:], ref[2:]):
+        assert torch.isfinite(ours_grad).all(), f"{name} is not finite"
+        assert_within_naive_error(ours_grad, naive_grad, ref_grad, factor=GRAD_FACTOR, what=name)
+    return got
+
+
+# ----------------------------------------------------------------------------- ragged batches
+
+# (lengths_q, lengths_k, heads, kv_heads, head_dim, head_dim_v, causal)
+RAGGED = {
+    # no queries, no keys, neither; sq > sk (bottom-right causal: rows that see no key)
+    "empty-seqs-causal-gqa2": ([5, 0, 30, 3, 0], [9, 4, 25, 0, 0], 2, 1, 24, 24, True),
+    "mha-dv-differs": ([1, 40, 7], [6, 35, 7], 2, 2, 40, 16, False),
+    "gqa4-single-rows": ([1, 1, 2], [1, 50, 3], 4, 1, 32, 32, True),
+}
+
+
+@pytest.mark.parametrize("name", list(RAGGED))
+def test_ragged_batches(name):
+    lengths_q, lengths_k, heads, kv_heads, head_dim, head_dim_v, causal = RAGGED[name]
+    got = check_varlen(lengths_q, lengths_k, heads, kv_heads, head_dim, head_dim_v=head_dim_v, causal=causal)
+    if name.startswith("empty-seqs"):
+        no_keys = slice(sum(lengths_q[:3]), sum(lengths_q[:4]))  # sequence 3 has queries but no keys
+        assert (got[0][no_keys] == 0).all() and torch.isneginf(got[1][:, no_keys]).all()
+        assert (got[2][no_keys] == 0).all()
+
+
+def test_fp16():
+    check_varlen([3, 0, 30], [7, 2, 26], 4, 2, 32, dtype=torch.float16, causal=True)
+
+
+# ----------------------------------------------------------------------------- options
+
+LENGTHS = ([6, 0, 33], [11, 5, 30])
+
+
+def _option_cases():
+    return {
+        "window": dict(window_size=(5, 3)),
+        "window-left-causal-scale": dict(window_size=(8, -1), causal=True, scale=0.3),
+        "softcap-alibi-per-sequence": dict(softcap=2.0, alibi_slopes=torch.rand(3, 2), causal=True),
+        "alibi-heads-window-right": dict(alibi_slopes=torch.rand(2), window_size=(-1, 4)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_option_cases()))
+def test_options(name):
+    check_varlen(*LENGTHS, 2, 1, 16, **_option_cases()[name])
+
+
+def test_dropout_matches_reference_given_the_kernels_mask():
+    """The kernels draw the keep-mask of sequence i at its own positions with head index
+    i·heads + h: the dense mask of (batch, heads, max_sq, max_sk) cropped per sequence."""
+    lengths_q, lengths_k = LENGTHS
+    heads, p = 2, 0.3
+    torch.manual_seed(7)
+    seed = draw_rng_seed()  # what varlen_attention draws after the same manual_seed
+    keep = _kernels().dropout_keep_mask(len(lengths_q), heads, max(lengths_q), max(lengths_k), p, seed,
+                                        torch.device("cpu"))
+    check_varlen(lengths_q, lengths_k, heads, 1, 16, dropout_p=p, keep=keep, seed=7, causal=True,
+                 alibi_slopes=torch.rand(heads))
+
+
+# ----------------------------------------------------------------------------- the kernels
+
+
+def test_a_packed_sequence_equals_the_dense_kernel_alone():
+    """Same kernels, same tiles relative to the sequence start: bitwise equal."""
+    lengths_q, lengths_k = [4, 37, 0], [9, 30, 3]
+    q, k, v = _packed(lengths_q, lengths_k, 2, 1, 24)
+    cu_q, cu_k = _cu(lengths_q), _cu(lengths_k)
+    options = dict(causal=True, window_size=(12, -1), softcap=3.0)
+    out, lse = fastattn.varlen_attention(q, k, v, cu_q, cu_k, 37, 30, return_lse=True, backend="triton", **options)
+    for i in (0, 1):
+        rows_q, rows_k = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
+        dense_out, dense_lse = fastattn.attention(
+            q[rows_q].transpose(0, 1)[None], k[rows_k].transpose(0, 1)[None], v[rows_k].transpose(0, 1)[None],
+            return_lse=True, backend="triton", **options)
+        assert torch.equal(out[rows_q], dense_out[0].transpose(0, 1))
+        assert torch.equal(lse[:, rows_q], dense_lse[0])
+
+
+def test_any_strides_without_copies():
+    """q, k, v sliced out of one packed (total, 3, heads, d) qkv tensor and a stride-0
+    output gradient give bitwise what contiguous tensors give."""
+    lengths = [7, 0, 26]
+    cu = _cu(lengths)
+    qkv = torch.randn(sum(lengths), 3, 2, 16)
+    leaves = [qkv[:, i].detach().requires_grad_() for i in range(3)]  # (total, heads, d) views
+    out, lse = fastattn.varlen_attention(*leaves, cu, cu, 26, 26, causal=True, return_lse=True, backend="triton")
+    dout = torch.randn(1, 1, 16).expand(out.shape)
+    grads = torch.autograd.grad(out, leaves, dout)
+    contiguous = [t.detach().contiguous().requires_grad_() for t in leaves]
+    out_c, lse_c = fastattn.varlen_attention(*contiguous, cu, cu, 26, 26, causal=True, return_lse=True,
+                                             backend="triton")
+    grads_c = torch.autograd.grad(out_c, contiguous, dout.contiguous())
+    assert torch.equal(out, out_c) and torch.equal(lse, lse_c)
+    for grad, grad_c in zip(grads, grads_c):
+        assert torch.equal(grad, grad_c)
+
+
+def test_pinned_tile_config(monkeypatch):
+    """16 x 16 tiles: several tiles per sequence, full and masked ones, windows both sides."""
+    monkeypatch.setenv(CONFIG_ENV, "BLOCK_M=16,BLOCK_N=16")
+    check_varlen([3, 40], [21, 35], 2, 1, 16, window_size=(9, 2))
+
+
+def test_no_keys_at_all_and_no_queries_at_all():
+    q, k, v = (t.requires_grad_() for t in _packed([3, 4], [0, 0], 2, 1, 16))
+    out, lse = fastattn.varlen_attention(q, k, v, _cu([3, 4]), _cu([0, 0]), 4, 0, return_lse=True,
+                                         backend="triton")
+    assert (out == 0).all() and torch.isneginf(lse).all()
+    out.sum().backward()
+    assert (q.grad == 0).all() and k.grad.shape == k.shape
+    q, k, v = (t.requires_grad_() for t in _packed([0, 0], [5, 2], 2, 1, 16))
+    out = fastattn.varlen_attention(q, k, v, _cu([0, 0]), _cu([5, 2]), 0, 5, backend="triton")
+    assert out.shape == (0, 2, 16)
+    out.sum().backward()
+    assert (k.grad == 0).all() and (v.grad == 0).all()
+
+
+def test_opcheck_with_every_option():
+    lengths_q, lengths_k = [0, 9], [2, 7]
+    q, k, v = _packed(lengths_q, lengths_k, 1, 1, 16)
+    cu_q, cu_k = _cu(lengths_q), _cu(lengths_k)
+    slopes, seed = torch.rand(2, 1), torch.tensor([42], dtype=torch.int64)
+    options = (0.3, 4, 2, 3.0, 0.25, "triton")  # scale, window_left, window_right, softcap, dropout_p, backend
+    fwd_args = (q, k, v, cu_q, cu_k, 9, 7, slopes, seed, *options)
+    torch.library.opcheck(torch.ops.fastattn.varlen_attention_fwd.default, fwd_args)
+    out, lse = torch.ops.fastattn.varlen_attention_fwd(*fwd_args)
+    bwd_args = (torch.randn_like(out), torch.randn_like(lse), q, k, v, out, lse, cu_q, cu_k, 9, 7, slopes, seed,
+                *options)
+    torch.library.opcheck(torch.ops.fastattn.varlen_attention_bwd.default, bwd_args)
+
+
+def test_compile_fullgraph_forward_and_backward_with_options():
+    torch._dynamo.reset()
+    lengths_q, lengths_k = [0, 12], [2, 10]
+    q, k, v = _packed(lengths_q, lengths_k, 1, 1, 16)
+    cu_q, cu_k = _cu(lengths_q), _cu(lengths_k)
+    slopes = torch.rand(1)
+
+    def f(q_, k_, v_):
+        out, lse = fastattn.varlen_attention(q_, k_, v_, cu_q, cu_k, 12, 10, causal=True, softcap=4.0,
+                                             alibi_slopes=slopes, window_size=(7, -1), return_lse=True,
+                                             backend="triton")
+        return out.sum() + _finite(lse).sum()
+
+    eager = [t.detach().requires_grad_() for t in (q, k, v)]
+    compiled_in = [t.detach().requires_grad_() for t in (q, k, v)]
+    expected = f(*eager)
+    expected.backward()
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(*compiled_in)
+    got.backward()
+    torch.testing.assert_close(got, expected)
+    for a, e in zip(compiled_in, eager):
+        torch.testing.assert_close(a.grad, e.grad)
+
+
+def test_triton_refuses_what_it_cannot_serve():
+    q, k, v = _packed([3], [4], 2, 1, 264)
+    with pytest.raises(ValueError, match=r"backend 'triton' cannot serve .*head_dim up to 256, got head_dim 264"):
+        fastattn.varlen_attention(q, k, v, _cu([3]), _cu([4]), 3, 4, backend="triton")
+    q, k, v = (t.double() for t in _packed([3], [4], 2, 1, 16))
+    with pytest.raises(ValueError, match="float16, bfloat16 or float32, got float64"):
+        fastattn.varlen_attention(q, k, v, _cu([3]), _cu([4]), 3, 4, backend="triton")
+    assert fastattn.varlen_attention(q, k, v, _cu([3]), _cu([4]), 3, 4).dtype == torch.float64  # auto serves it
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+def _gpu_check(lengths_q, lengths_k, heads, kv_heads, head_dim, dtype, **options):
+    """check_varlen's comparison on CUDA tensors."""
+    device = "cuda"
+    q, k, v = _packed(lengths_q, lengths_k, heads, kv_heads, head_dim, device=device)
+    cu_q, cu_k = _cu(lengths_q, device), _cu(lengths_k, device)
+    dout = torch.randn(q.shape[0], heads, head_dim, device=device)
+
+    def run(fn, cast):
+        leaves = [t.detach().to(cast).requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves)
+        return (out, *torch.autograd.grad(out, leaves, dout.to(out.dtype)))
+
+    ref = run(lambda *t: reference.varlen_attention(*t, cu_q, cu_k, **options), torch.float64)
+    naive = run(lambda *t: reference.varlen_attention(*t, cu_q, cu_k, **options), dtype)
+    got = run(lambda *t: fastattn.varlen_attention(*t, cu_q, cu_k, max(lengths_q), max(lengths_k),
+                                                   backend="triton", **options), dtype)
+    for name, ours, naive_value, ref_value in zip(("out", "dq", "dk", "dv"), got, naive, ref):
+        assert_within_naive_error(ours, naive_value, ref_value, factor=FACTOR if name == "out" else GRAD_FACTOR,
+                                  what=name)
+
+
+GPU_LENGTHS = {
+    "ragged": ([1, 1000, 0, 257, 64, 3000], [1, 1000, 5, 300, 0, 3000]),
+    "long": ([4096, 2048], [4096, 2048]),
+    "decode-like": ([1] * 16, list(range(100, 1700, 100))),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("lengths", list(GPU_LENGTHS))
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gpu_autotuned(dtype, lengths, head_dim, causal, monkeypatch):
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    _gpu_check(*GPU_LENGTHS[lengths], 8, 2, head_dim, dtype, causal=causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_gpu_options(dtype):
+    lengths_q, lengths_k = [300, 0, 129], [257, 40, 500]
+    _gpu_check(lengths_q, lengths_k, 8, 1, 96, dtype, window_size=(64, 16), softcap=20.0,
+               alibi_slopes=torch.rand(3, 8, device="cuda"))
