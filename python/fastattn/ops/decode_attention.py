@@ -5,6 +5,9 @@ Registered op (forward only; decoding never needs a gradient):
         alibi_slopes?, scale, window_left, softcap, backend)
         -> (out (b, h, q_len, dv), lse (b, h, q_len) fp32)
 
+    fastattn::decode_attention_append(k_new, v_new, k_cache!, v_cache!, cache_seqlens,
+        block_table?, backend) -> ()   (writes the new keys/values into the caches in place)
+
 The q_len queries are the last q_len of the cache_seqlens[b] valid positions, causal
 among themselves; window_left bounds how far back each query sees.
 """
@@ -81,7 +84,20 @@ def _torch_forward(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes
     return out.contiguous(), lse
 
 
+def _triton_forward(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, scale, window_left,
+                    softcap):
+    from fastattn.kernels import decode as kernels  # lazily: importing triton is slow
+
+    return kernels.decode_attention_forward(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, scale,
+                                            window_left, softcap)
+
+
 def _limits(backend: str, call: DecodeCall) -> Optional[str]:
+    if backend == "triton":
+        if call.dtype not in dense.TRITON_DTYPES:
+            return f"the Triton kernels take float16, bfloat16 or float32, got {check.dtype_name(call.dtype)}"
+        if call.head_dim > dense.TRITON_MAX_HEAD_DIM:
+            return f"the Triton kernels take head_dim up to {dense.TRITON_MAX_HEAD_DIM}, got {call.head_dim}"
     if backend == "torch":
         if call.softcap > 0:
             return "F.scaled_dot_product_attention has no softcap"
@@ -91,7 +107,8 @@ def _limits(backend: str, call: DecodeCall) -> Optional[str]:
 
 
 BACKENDS = BackendTable(
-    "decode_attention", forward={"naive": _naive_forward, "torch": _torch_forward}, backward={},
+    "decode_attention", forward={"naive": _naive_forward, "torch": _torch_forward, "triton": _triton_forward},
+    backward={},
     limits=_limits,
 )
 
@@ -122,6 +139,64 @@ def _decode_attention_fwd_fake(q, k_cache, v_cache, cache_seqlens, block_table, 
     return out, lse
 
 
+def _torch_append(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table):
+    """Index writes: row t of sequence b goes to position cache_seqlens[b] - q_len + t."""
+    q_len = k_new.shape[2]
+    positions = cache_seqlens.long()[:, None] - q_len + torch.arange(q_len, device=k_new.device)  # (b, q_len)
+    if block_table is None:
+        index = (torch.arange(k_new.shape[0], device=k_new.device)[:, None], slice(None), positions)
+    else:
+        page_size = k_cache.shape[2]
+        pages = block_table.long().gather(1, positions // page_size)  # (b, q_len)
+        index = (pages, slice(None), positions % page_size)
+    for new, cache in ((k_new, k_cache), (v_new, v_cache)):
+        cache[index] = new.transpose(1, 2).to(cache.dtype)  # (b, q_len, hk, d) at (b, q_len) rows
+
+
+def _triton_append(*args):
+    from fastattn.kernels import decode as kernels
+
+    kernels.decode_attention_append(*args)
+
+
+APPEND = {"triton": _triton_append}  # other backends use _torch_append
+
+
+@torch.library.custom_op("fastattn::decode_attention_append", mutates_args=("k_cache", "v_cache"))
+def decode_attention_append(
+    k_new: Tensor,
+    v_new: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_seqlens: Tensor,
+    block_table: Optional[Tensor],
+    backend: str,
+) -> None:
+    APPEND.get(backend, _torch_append)(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table)
+
+
+@decode_attention_append.register_fake
+def _decode_attention_append_fake(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table, backend):
+    return None
+
+
+def _check_new_kv(k_new, v_new, k_cache, v_cache, batch, q_len, device) -> None:
+    """k_new (batch, kv_heads, q_len, head_dim) and v_new (..., head_dim_v), both or neither,
+    in the caches' dtype and on their device."""
+    if (k_new is None) != (v_new is None):
+        raise ValueError("k_new and v_new must be given together (or neither)")
+    if k_new is None:
+        return
+    check.tensor("k_new", k_new, ndim=4)
+    check.tensor("v_new", v_new, ndim=4)
+    check.same_dtype(k_cache=k_cache, k_new=k_new, v_new=v_new)
+    check.same_device(q=torch.empty(0, device=device), k_new=k_new, v_new=v_new)
+    kv_heads = k_cache.shape[1]
+    check.shape("k_new", k_new, (batch, kv_heads, q_len, k_cache.shape[-1]), "(batch, kv_heads, q_len, head_dim)")
+    check.shape("v_new", v_new, (batch, kv_heads, q_len, v_cache.shape[-1]),
+                "(batch, kv_heads, q_len, head_dim_v)")
+
+
 def decode_attention(
     q: Tensor,
     k_cache: Tensor,
@@ -134,6 +209,8 @@ def decode_attention(
     softcap: float = 0.0,
     alibi_slopes: Optional[Tensor] = None,
     return_lse: bool = False,
+    k_new: Optional[Tensor] = None,
+    v_new: Optional[Tensor] = None,
     backend: Optional[str] = None,
 ):
     """Decoding attention over a KV cache (forward only).
@@ -144,6 +221,10 @@ def decode_attention(
     counts the valid cache entries including the current q_len tokens. window_size:
     only the left side applies (the queries are the newest positions). Returns out
     (batch, heads, q_len, head_dim) and, with return_lse, lse (batch, heads, q_len).
+    k_new, v_new: optional (batch, kv_heads, q_len, head_dim) keys and values of the q_len
+    new tokens, written IN PLACE into k_cache / v_cache at positions cache_seqlens[b] -
+    q_len .. cache_seqlens[b] - 1 of each sequence (cache_seqlens still counts them)
+    before attending; both or neither; validated before anything is written.
     """
     check.tensor("q", q, ndim=4)
     check.tensor("k_cache", k_cache, ndim=4)
@@ -200,8 +281,11 @@ def decode_attention(
                 raise ValueError(
                     f"block_table entries must index pages 0..{k_cache.shape[0] - 1} of k_cache"
                 )
+    _check_new_kv(k_new, v_new, k_cache, v_cache, batch, q_len, device)
     call = DecodeCall(q.dtype, head_dim, block_table is not None, k_cache.shape[2], softcap, return_lse)
     name = BACKENDS.resolve(backend, device, call)
+    if k_new is not None:
+        decode_attention_append(k_new, v_new, k_cache, v_cache, seqlens, block_table, name)
     out, lse = decode_attention_fwd(q, k_cache, v_cache, seqlens, block_table, slopes, scale, left,
                                     float(softcap), name)
     return (out, lse) if return_lse else out

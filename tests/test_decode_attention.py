@@ -1,0 +1,304 @@
+"""fastattn.decode_attention on the Triton backend (split-KV flash-decoding).
+
+Each call is checked against the float64 reference (FlashAttention's rule, helpers.py),
+output and lse: ragged cache lengths (1, page boundaries, lengths that are not a
+multiple of the page size), contiguous and paged caches (page sizes 16, 24, 5, pages in
+random order), GQA 1:1, 4:1, 8:1, q_len 1..16, the options (window, softcap, ALiBi,
+scale), the number of splits (one split, more splits than tiles), any strides, the
+in-place append of new keys/values, opcheck, torch.compile, and the Triton path's
+refusals and pinned configs. Bad input shared by every backend is in test_api.py.
+
+CPU runs the kernels in the interpreter (fp32 and fp16; bf16 tl.dot is broken there);
+the `gpu` tests run bf16/fp16 over long caches with the autotuned kernel.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastattn
+from fastattn import reference
+from fastattn.ops import decode_attention as decode_op
+from helpers import assert_within_naive_error, backends_of
+
+CONFIG_ENV = "FASTATTN_DECODE_ATTENTION_CONFIG"
+HAS_TRITON = "triton" in backends_of(decode_op.BACKENDS)
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed or TRITON_INTERPRET is off")
+
+
+def _caches(batch, kv_heads, capacity, head_dim, page_size=None, head_dim_v=None, device="cpu", spare_pages=3):
+    """(k_cache, v_cache, block_table): contiguous (batch, kv_heads, capacity, d) when
+    page_size is None, else pages in random order with a few unused ones."""
+    head_dim_v = head_dim if head_dim_v is None else head_dim_v
+    if page_size is None:
+        return (torch.randn(batch, kv_heads, capacity, head_dim, device=device),
+                torch.randn(batch, kv_heads, capacity, head_dim_v, device=device), None)
+    pages = -(-capacity // page_size)
+    num_pages = batch * pages + spare_pages
+    table = torch.randperm(num_pages, device=device)[: batch * pages].reshape(batch, pages).to(torch.int32)
+    return (torch.randn(num_pages, kv_heads, page_size, head_dim, device=device),
+            torch.randn(num_pages, kv_heads, page_size, head_dim_v, device=device), table)
+
+
+def _seqlens(values, device="cpu"):
+    return torch.tensor(values, dtype=torch.int32, device=device)
+
+
+def check_decode(q, k_cache, v_cache, cache_seqlens, *, block_table=None, dtype=torch.float32, **options):
+    """fastattn.decode_attention(backend='triton') against the float64 reference, out and lse."""
+    def reference_fn(cast):
+        slopes = options.get("alibi_slopes")
+        ref_options = dict(options, alibi_slopes=None if slopes is None else slopes.to(cast))
+        return reference.decode_attention(q.to(cast), k_cache.to(cast), v_cache.to(cast), cache_seqlens,
+                                          block_table=block_table, return_lse=True, **ref_options)
+
+    ref_out, ref_lse = reference_fn(torch.float64)
+    naive_out, naive_lse = reference_fn(dtype)
+    out, lse = fastattn.decode_attention(q.to(dtype), k_cache.to(dtype), v_cache.to(dtype), cache_seqlens,
+                                         block_table=block_table, return_lse=True, backend="triton", **options)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert_within_naive_error(out, naive_out, ref_out, what="out")
+    assert torch.isfinite(lse).all()
+    assert_within_naive_error(lse, naive_lse.float(), ref_lse, atol=1e-5, what="lse")
+    return out, lse
+
+
+# ----------------------------------------------------------------------------- caches, GQA, dtypes
+
+# (batch, heads, kv_heads, q_len, head_dim, capacity, page_size or None, cache_seqlens)
+CASES = {
+    "mha-contiguous": (3, 2, 2, 1, 40, 70, None, [1, 70, 33]),
+    "gqa4-paged16": (3, 4, 1, 1, 32, 64, 16, [1, 16, 49]),
+    "gqa8-paged24": (2, 8, 1, 2, 24, 72, 24, [2, 71]),
+    "gqa4-qlen3-contiguous": (2, 8, 2, 3, 64, 45, None, [3, 45]),
+    "mha-qlen5-paged5": (2, 2, 2, 5, 16, 33, 5, [7, 33]),       # a page smaller than a key tile
+    "gqa8-qlen16-rowblocks": (1, 8, 1, 16, 16, 20, None, [20]),   # 128 query rows: two programs per kv head
+}
+FP16_CASES = ("gqa8-paged24", "mha-contiguous")
+
+
+def _case_params():
+    params = [pytest.param(name, torch.float32, id=f"{name}-fp32") for name in CASES]
+    params += [pytest.param(name, torch.float16, id=f"{name}-fp16") for name in FP16_CASES]
+    return params
+
+
+@pytest.mark.parametrize("name,dtype", _case_params())
+def test_caches_gqa_and_lengths(name, dtype):
+    batch, heads, kv_heads, q_len, head_dim, capacity, page_size, seqlens = CASES[name]
+    k_cache, v_cache, table = _caches(batch, kv_heads, capacity, head_dim, page_size)
+    q = torch.randn(batch, heads, q_len, head_dim)
+    check_decode(q, k_cache, v_cache, _seqlens(seqlens), block_table=table, dtype=dtype)
+
+
+@pytest.mark.parametrize("splits", [1, 3, 7])
+def test_number_of_splits(splits, monkeypatch):
+    """One split (the first kernel writes the output), several, and more splits than a
+    sequence has tiles (empty splits: lse -inf partials) give the same result."""
+    monkeypatch.setenv(CONFIG_ENV, f"NUM_SPLITS={splits}")
+    k_cache, v_cache, table = _caches(2, 1, 80, 32, page_size=16)
+    q = torch.randn(2, 4, 2, 32)
+    check_decode(q, k_cache, v_cache, _seqlens([2, 75]), block_table=table)
+
+
+@pytest.mark.parametrize("option", ["window", "softcap-alibi-batch", "alibi-heads-scale-window0"])
+def test_options(option, monkeypatch):
+    monkeypatch.setenv(CONFIG_ENV, "NUM_SPLITS=2")
+    batch, heads, kv_heads, q_len = 2, 4, 2, 3
+    options = {
+        "window": dict(window_size=(17, -1)),
+        "softcap-alibi-batch": dict(softcap=2.5, alibi_slopes=torch.rand(batch, heads)),
+        "alibi-heads-scale-window0": dict(alibi_slopes=torch.rand(heads), scale=0.3, window_size=(0, 0)),
+    }[option]
+    k_cache, v_cache, table = _caches(batch, kv_heads, 70, 32, page_size=16 if option == "window" else None)
+    q = torch.randn(batch, heads, q_len, 32)
+    check_decode(q, k_cache, v_cache, _seqlens([5, 66]), block_table=table, **options)
+
+
+def test_head_dim_v_differs():
+    k_cache, v_cache, table = _caches(2, 1, 40, 32, page_size=16, head_dim_v=24)
+    check_decode(torch.randn(2, 2, 1, 32), k_cache, v_cache, _seqlens([17, 40]), block_table=table)
+
+
+def test_any_strides_without_copies():
+    """q and the caches as transposed (b, s, h, d) / (pages, page_size, h, d) views and a
+    sliced head_dim give bitwise what contiguous tensors give."""
+    q_bshd = torch.randn(2, 3, 2, 16)
+    k_wide = torch.randn(6, 16, 1, 32)  # (pages, page_size, hk, 2d)
+    v_bshd = torch.randn(6, 16, 1, 16)
+    q, k_cache, v_cache = q_bshd.transpose(1, 2), k_wide.transpose(1, 2)[..., ::2], v_bshd.transpose(1, 2)
+    table = torch.tensor([[4, 0, 2], [1, 5, 3]], dtype=torch.int32)
+    seqlens = _seqlens([3, 41])
+    got = fastattn.decode_attention(q, k_cache, v_cache, seqlens, block_table=table, return_lse=True,
+                                    backend="triton")
+    expected = fastattn.decode_attention(q.contiguous(), k_cache.contiguous(), v_cache.contiguous(), seqlens,
+                                         block_table=table, return_lse=True, backend="triton")
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+# ----------------------------------------------------------------------------- in-place append
+
+
+@pytest.mark.parametrize("backend", ["triton", "naive"])
+@pytest.mark.parametrize("page_size", [None, 16], ids=["contiguous", "paged"])
+def test_append_new_kv_in_place(backend, page_size):
+    """k_new/v_new land at positions cache_seqlens - q_len .. cache_seqlens - 1, nothing
+    else changes, and the output is that of the updated cache."""
+    batch, heads, kv_heads, q_len, d = 2, 4, 2, 3, 16
+    k_cache, v_cache, table = _caches(batch, kv_heads, 48, d, page_size)
+    seqlens = _seqlens([3, 35])
+    q = torch.randn(batch, heads, q_len, d)
+    k_new, v_new = torch.randn(batch, kv_heads, q_len, d), torch.randn(batch, kv_heads, q_len, d)
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    for b, length in enumerate(seqlens.tolist()):
+        for t in range(q_len):
+            pos = length - q_len + t
+            if table is None:
+                expected_k[b, :, pos], expected_v[b, :, pos] = k_new[b, :, t], v_new[b, :, t]
+            else:
+                page = table[b, pos // page_size]
+                expected_k[page, :, pos % page_size] = k_new[b, :, t]
+                expected_v[page, :, pos % page_size] = v_new[b, :, t]
+    out = fastattn.decode_attention(q, k_cache, v_cache, seqlens, block_table=table, k_new=k_new, v_new=v_new,
+                                    backend=backend)
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+    reference_out = reference.decode_attention(q.double(), expected_k.double(), expected_v.double(), seqlens,
+                                               block_table=table)
+    torch.testing.assert_close(out.double(), reference_out, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad,error,match", [
+    (lambda k, v: dict(k_new=k), ValueError, "k_new and v_new must be given together"),
+    (lambda k, v: dict(k_new=k[:, :, :1], v_new=v), ValueError,
+     r"k_new must have shape \(batch, kv_heads, q_len, head_dim\) = \(2, 2, 3, 16\)"),
+    (lambda k, v: dict(k_new=k, v_new=v.double()), TypeError, "v_new has dtype float64"),
+    (lambda k, v: dict(k_new=k, v_new=v[..., :8]), ValueError, r"v_new must have shape"),
+], ids=["only-k", "k-shape", "v-dtype", "v-head-dim"])
+def test_append_bad_input_leaves_the_cache_untouched(bad, error, match):
+    k_cache, v_cache, _ = _caches(2, 2, 48, 16)
+    before = (k_cache.clone(), v_cache.clone())
+    k_new, v_new = torch.randn(2, 2, 3, 16), torch.randn(2, 2, 3, 16)
+    with pytest.raises(error, match=match):
+        fastattn.decode_attention(torch.randn(2, 4, 3, 16), k_cache, v_cache, _seqlens([3, 30]), backend="triton",
+                                  **bad(k_new, v_new))
+    assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
+
+
+# ----------------------------------------------------------------------------- registered ops, compile
+
+
+def test_opcheck_with_every_option(monkeypatch):
+    monkeypatch.setenv(CONFIG_ENV, "NUM_SPLITS=2")
+    k_cache, v_cache, table = _caches(2, 1, 32, 16, page_size=16)
+    q = torch.randn(2, 2, 2, 16)
+    seqlens = _seqlens([2, 27])
+    args = (q, k_cache, v_cache, seqlens, table, torch.rand(2, 2), 0.3, 20, 3.0, "triton")
+    torch.library.opcheck(torch.ops.fastattn.decode_attention_fwd.default, args)
+    append_args = (torch.randn(2, 1, 2, 16), torch.randn(2, 1, 2, 16), k_cache, v_cache, seqlens, table, "triton")
+    torch.library.opcheck(torch.ops.fastattn.decode_attention_append.default, append_args)
+
+
+def test_compile_fullgraph_with_append_and_lse():
+    torch._dynamo.reset()
+    k_cache, v_cache, table = _caches(2, 2, 40, 16, page_size=16)
+    q = torch.randn(2, 4, 1, 16)
+    seqlens = _seqlens([1, 30])
+    k_new, v_new = torch.randn(2, 2, 1, 16), torch.randn(2, 2, 1, 16)
+
+    def step(k_cache_, v_cache_):
+        out, lse = fastattn.decode_attention(q, k_cache_, v_cache_, seqlens, block_table=table, k_new=k_new,
+                                             v_new=v_new, softcap=5.0, return_lse=True, backend="triton")
+        return out, lse
+
+    eager_caches = (k_cache.clone(), v_cache.clone())
+    expected = step(*eager_caches)
+    compiled_caches = (k_cache.clone(), v_cache.clone())
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(*compiled_caches)
+    torch.testing.assert_close(got, expected)
+    assert torch.equal(compiled_caches[0], eager_caches[0]) and torch.equal(compiled_caches[1], eager_caches[1])
+
+
+# ----------------------------------------------------------------------------- refusals and configs
+
+
+def test_triton_refuses_what_it_cannot_serve():
+    k_cache, v_cache, _ = _caches(1, 1, 8, 264)
+    with pytest.raises(ValueError, match=r"backend 'triton' cannot serve .*head_dim up to 256, got 264"):
+        fastattn.decode_attention(torch.randn(1, 2, 1, 264), k_cache, v_cache, _seqlens([4]), backend="triton")
+    k_cache, v_cache, _ = _caches(1, 1, 8, 16)
+    q = torch.randn(1, 2, 1, 16)
+    with pytest.raises(ValueError, match="float16, bfloat16 or float32, got float64"):
+        fastattn.decode_attention(q.double(), k_cache.double(), v_cache.double(), _seqlens([4]), backend="triton")
+    assert fastattn.decode_attention(q.double(), k_cache.double(), v_cache.double(), _seqlens([4])).dtype == \
+        torch.float64  # auto still serves it
+
+
+def test_bad_pinned_config_is_refused(monkeypatch):
+    k_cache, v_cache, _ = _caches(1, 1, 8, 16)
+    q = torch.randn(1, 2, 1, 16)
+    for value, match in (("BLOCK_N=24", "BLOCK_N must be a power of 2"), ("NUM_SPLITS=1000", "NUM_SPLITS must be <="),
+                         ("BLOCK_M=16", "must be comma-separated")):
+        monkeypatch.setenv(CONFIG_ENV, value)
+        with pytest.raises(ValueError, match=match):
+            fastattn.decode_attention(q, k_cache, v_cache, _seqlens([4]), backend="triton")
+
+
+def test_split_heuristic_and_autotune_space():
+    from fastattn.kernels import _config
+
+    # few programs and a long cache: many splits, capped; many programs: one split
+    assert _config.decode_attention_num_splits(programs=8, keys=131072, sm_count=132) == 66
+    assert _config.decode_attention_num_splits(programs=1, keys=1 << 20, sm_count=132) == \
+        _config.DECODE_ATTENTION_MAX_SPLITS
+    assert _config.decode_attention_num_splits(programs=64 * 8, keys=131072, sm_count=132) == 2
+    assert _config.decode_attention_num_splits(programs=4, keys=20, sm_count=132) == 1
+    assert _config.decode_attention_block_m(8) == 16 and _config.decode_attention_block_m(128) == 64
+    space = _config.decode_attention_configs()
+    for block_m, head_dim, dtype in ((16, 128, torch.bfloat16), (64, 256, torch.float32), (16, 64, torch.float16)):
+        kept = _config.decode_attention_prune(space, {}, Q=torch.empty(0, dtype=dtype), BLOCK_M=block_m,
+                                              BLOCK_D=head_dim, BLOCK_DV=head_dim, split_keys_bucket=4096)
+        assert 1 <= len(kept) < len(space)
+        assert all(_config.decode_attention_keep(block_m, c.kwargs["BLOCK_N"], c.num_warps, c.num_stages,
+                                                 head_dim, head_dim, dtype.itemsize) for c in kept)
+
+
+# ----------------------------------------------------------------------------- GPU
+
+GPU_CASES = [  # (batch, heads, kv_heads, q_len, head_dim, capacity, page_size)
+    (1, 32, 4, 1, 128, 16384, None),
+    (4, 32, 4, 1, 128, 4096, 256),
+    (8, 8, 8, 1, 64, 2048, None),
+    (2, 32, 4, 4, 128, 8192, 16),
+    (3, 16, 2, 16, 128, 3000, 48),
+    (16, 32, 1, 1, 256, 1024, 64),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape", GPU_CASES, ids=lambda s: "x".join(map(str, s[:6])) + f"-page{s[6]}")
+def test_gpu_autotuned(dtype, shape, monkeypatch):
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    batch, heads, kv_heads, q_len, head_dim, capacity, page_size = shape
+    k_cache, v_cache, table = _caches(batch, kv_heads, capacity, head_dim, page_size, device="cuda")
+    lengths = torch.randint(q_len, capacity + 1, (batch,)).tolist()
+    lengths[0] = capacity
+    q = torch.randn(batch, heads, q_len, head_dim, device="cuda")
+    check_decode(q, k_cache, v_cache, _seqlens(lengths, "cuda"), block_table=table, dtype=dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_gpu_options_and_append(dtype):
+    k_cache, v_cache, table = _caches(4, 4, 5000, 128, 256, device="cuda")
+    q = torch.randn(4, 32, 2, 128, device="cuda")
+    seqlens = _seqlens([2, 300, 4097, 5000], "cuda")
+    check_decode(q, k_cache, v_cache, seqlens, block_table=table, dtype=dtype, window_size=(1000, -1),
+                 softcap=30.0, alibi_slopes=torch.rand(4, 32, device="cuda"))
+    k_new, v_new = (torch.randn(4, 4, 2, 128, device="cuda", dtype=dtype) for _ in range(2))
+    k_c, v_c = k_cache.to(dtype), v_cache.to(dtype)
+    out = fastattn.decode_attention(q.to(dtype), k_c, v_c, seqlens, block_table=table, k_new=k_new, v_new=v_new,
+                                    backend="triton")
+    expected = fastattn.decode_attention(q.to(dtype), k_c, v_c, seqlens, block_table=table, backend="naive")
+    torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
