@@ -356,8 +356,9 @@ class LayerKVCache:
         pages = torch.arange(num_pages - 1, -1, -1, dtype=torch.int32, device=k.device)
         self.block_table = pages.reshape(self.batch, pages_per_seq)  # (batch, pages_per_seq)
 
-    def append(self, k: Tensor, v: Tensor) -> None:
-        """Write k, v (batch, kv_heads, T, head_dim) at positions length..length+T."""
+    def reserve(self, k: Tensor, v: Tensor) -> None:
+        """Claim positions length..length+T for k, v (batch, kv_heads, T, head_dim)
+        without writing them (decode_attention's k_new/v_new writes them in place)."""
         new = k.shape[2]
         if self.length + new > self.capacity:
             raise ValueError(
@@ -366,7 +367,12 @@ class LayerKVCache:
             )
         if self.k is None:
             self._allocate(k, v)
-        start, end = self.length, self.length + new
+        self.length += new
+
+    def append(self, k: Tensor, v: Tensor) -> None:
+        """Write k, v (batch, kv_heads, T, head_dim) at positions length..length+T."""
+        self.reserve(k, v)
+        start, end = self.length - k.shape[2], self.length
         if self.page_size == 0:
             self.k[:, :, start:end] = k
             self.v[:, :, start:end] = v
@@ -376,7 +382,6 @@ class LayerKVCache:
             offsets = (positions % self.page_size).expand_as(pages)  # (batch, T)
             self.k[pages, :, offsets] = k.transpose(1, 2)  # (batch, T, kv_heads, head_dim)
             self.v[pages, :, offsets] = v.transpose(1, 2)  # (batch, T, kv_heads, head_dim_v)
-        self.length = end
 
     def dense(self) -> tuple[Tensor, Tensor]:
         """The filled keys and values, each (batch, kv_heads, length, head_dim)."""
@@ -499,11 +504,13 @@ class Attention(_BackendMixin, nn.Module):
             raise ValueError("a KV cache is for causal (decoder) attention; this module has causal=False")
         if bias is not None:
             raise ValueError("key_padding_mask cannot be combined with a KV cache")
-        kv_cache.append(k, v)
         if q.shape[2] <= MAX_QUERY_LEN:
-            return decode_attention(q, kv_cache.k, kv_cache.v, kv_cache.seqlens(),
-                                    block_table=kv_cache.block_table, backend=self.backend)
-        # A long prefill: dense attention over everything cached, bottom-right causal.
+            # decode_attention writes the new keys and values into the cache itself.
+            kv_cache.reserve(k, v)
+            return decode_attention(q, kv_cache.k, kv_cache.v, kv_cache.seqlens(), block_table=kv_cache.block_table,
+                                    k_new=k, v_new=v, backend=self.backend)
+        # A long prefill: write the cache, then dense attention over all of it, bottom-right causal.
+        kv_cache.append(k, v)
         k_all, v_all = kv_cache.dense()  # (B, Hk, L, D)
         return attention(q, k_all, v_all, causal=True, backend=self.backend)
 
