@@ -373,7 +373,7 @@ DECODE_ATTENTION_COMBINE_SPLITS = 16  # partial outputs the combine kernel loads
 DECODE_ATTENTION_SHARED_MEMORY = 200 * 1024  # bytes for the q tile + num_stages K/V tiles (H100: 227 KiB)
 DECODE_ATTENTION_ACCUMULATOR_REGISTERS = 128  # most fp32 accumulator elements per thread
 DECODE_ATTENTION_SPLIT_KEYS_BUCKETS = (64, 131072)  # keys-per-split bucket = next power of 2 in this range
-_DECODE_ATTENTION_SPACE = dict(BLOCK_N=(16, 32, 64, 128), num_warps=(2, 4, 8), num_stages=(1, 2, 3, 4))
+_DECODE_ATTENTION_SPACE = dict(BLOCK_N=(32, 64, 128), num_warps=(4, 8), num_stages=(2, 3, 4))
 _DECODE_ATTENTION_KEYS = ("BLOCK_N", "NUM_SPLITS", "num_warps", "num_stages")
 
 

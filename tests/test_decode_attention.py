@@ -255,12 +255,18 @@ def test_split_heuristic_and_autotune_space():
     assert _config.decode_attention_num_splits(programs=4, keys=20, sm_count=132) == 1
     assert _config.decode_attention_block_m(8) == 16 and _config.decode_attention_block_m(128) == 64
     space = _config.decode_attention_configs()
-    for block_m, head_dim, dtype in ((16, 128, torch.bfloat16), (64, 256, torch.float32), (16, 64, torch.float16)):
+    sizes = {}
+    for block_m, head_dim, dtype in ((16, 64, torch.float16), (16, 128, torch.bfloat16), (64, 256, torch.float32)):
         kept = _config.decode_attention_prune(space, {}, Q=torch.empty(0, dtype=dtype), BLOCK_M=block_m,
                                               BLOCK_D=head_dim, BLOCK_DV=head_dim, split_keys_bucket=4096)
-        assert 1 <= len(kept) < len(space)
+        sizes[head_dim] = len(kept)
+        assert 1 <= len(kept) <= len(space)
         assert all(_config.decode_attention_keep(block_m, c.kwargs["BLOCK_N"], c.num_warps, c.num_stages,
                                                  head_dim, head_dim, dtype.itemsize) for c in kept)
+    assert sizes[256] < sizes[128] <= sizes[64]
+    short = _config.decode_attention_prune(space, {}, Q=torch.empty(0, dtype=torch.float16), BLOCK_M=16, BLOCK_D=64,
+                                           BLOCK_DV=64, split_keys_bucket=32)
+    assert {c.kwargs["BLOCK_N"] for c in short} == {32}
 
 
 # ----------------------------------------------------------------------------- GPU
