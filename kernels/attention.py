@@ -955,8 +955,8 @@ def attention_backward(dout, dlse, q, k, v, out, lse, attn_bias, alibi_slopes, r
     placeholder unless bias_needs_grad. dlse (batch, heads, seqlen_q) or None."""
     batch, heads, seqlen_q, _ = q.shape
     kv_heads, seqlen_k = k.shape[1], k.shape[2]
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dbias = torch.empty_like(attn_bias) if bias_needs_grad else q.new_empty(0)
+    dq, dk, dv = (t.new_empty(t.shape) for t in (q, k, v))  # contiguous, as the fake op says
+    dbias = attn_bias.new_empty(attn_bias.shape) if bias_needs_grad else q.new_empty(0)
     if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
         for grad in (dq, dk, dv, dbias):
             grad.zero_()
@@ -1092,7 +1092,7 @@ def varlen_attention_backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_se
     batch = cu_seqlens_q.shape[0] - 1
     total_q, heads = q.shape[0], q.shape[1]
     kv_heads = k.shape[1]
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = (t.new_empty(t.shape) for t in (q, k, v))  # contiguous, as the fake op says
     if q.numel() == 0 or k.numel() == 0 or v.numel() == 0 or batch == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
         for grad in (dq, dk, dv):
             grad.zero_()

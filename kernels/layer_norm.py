@@ -408,11 +408,11 @@ def layer_norm_forward(
     0-element placeholder without a residual; mean and rstd (rows,) fp32 (mean is a
     placeholder for RMSNorm)."""
     rows, hidden = x.shape
-    y = torch.empty_like(x)
+    y = x.new_empty(x.shape)
     if residual is None:
         residual_out = x.new_empty(0)
     else:
-        residual_out = torch.empty_like(x, dtype=torch.float32 if residual_in_fp32 else residual.dtype)
+        residual_out = x.new_empty(x.shape, dtype=torch.float32 if residual_in_fp32 else residual.dtype)
     rstd = x.new_empty(rows, dtype=torch.float32)
     mean = x.new_empty(0 if is_rms_norm else rows, dtype=torch.float32)
     if rows == 0:
@@ -449,7 +449,7 @@ def layer_norm_backward(
     None): (ds, dweight, dbias), ds in s's dtype; dweight / dbias in the parameters'
     dtypes, 0-element placeholders for absent parameters."""
     rows, hidden = summed.shape
-    ds = torch.empty_like(summed)
+    ds = summed.new_empty(summed.shape)
     programs = _backward_programs(summed.device, rows)
     partial = lambda present: summed.new_empty((programs, hidden) if present else (0,), dtype=torch.float32)
     dw_partial, db_partial = partial(weight is not None), partial(bias is not None)

@@ -187,9 +187,18 @@ def _record_op_calls(monkeypatch, module, op_name):
     return calls
 
 
+def _strided(inputs):
+    """The same values with non-contiguous strides (last dim not innermost)."""
+    return {key: value.transpose(0, -1).contiguous().transpose(0, -1)
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() >= 2 else value
+            for key, value in inputs.items()}
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
 @pytest.mark.parametrize("spec,backend", _cases())
-def test_opcheck_every_registered_call(spec, backend, monkeypatch):
-    inputs = _prepare(spec.make(2), torch.float32, spec)
+def test_opcheck_every_registered_call(spec, backend, layout, monkeypatch):
+    inputs = spec.make(2)
+    inputs = _prepare(_strided(inputs) if layout == "strided" else inputs, torch.float32, spec)
     calls = _record_op_calls(monkeypatch, spec.module, _op_name(spec))
     out = spec.run(inputs, backend)
     if spec.differentiable:
@@ -222,9 +231,10 @@ def test_compile_fullgraph_forward_and_backward(spec, backend):
 
 @pytest.mark.parametrize("spec", [s for s in SPECS if s.name in ("attention", "layer_norm", "ffn")], ids=lambda s: s.name)
 def test_compile_with_inductor(spec):
-    """One full inductor compile per op family (the rest use aot_eager to save CI time)."""
+    """One full inductor compile per op family (the rest use aot_eager to save CI time),
+    on non-contiguous inputs: inductor checks the real output strides against the fakes."""
     torch._dynamo.reset()
-    inputs = _prepare(spec.make(2), torch.float32, spec)
+    inputs = _prepare(_strided(spec.make(2)), torch.float32, spec)
     eager_out, eager_grads = _output_and_grads(lambda i: spec.run(i, None), inputs, spec, None)
     compiled = torch.compile(lambda i: spec.run(i, None) * 2, fullgraph=True)
     out, grads = _output_and_grads(compiled, inputs, spec, None)

@@ -22,8 +22,8 @@ class BackendTable:
 
     def __init__(self, op: str, forward: dict, backward: dict, limits: Callable[[str, object], Optional[str]]):
         self.op = op
-        self.forward = forward
-        self.backward = backward
+        self.forward = _ContiguousResults(forward)
+        self.backward = _ContiguousResults(backward)
         self.limits = limits
 
     def reason(self, backend: str, call: object) -> Optional[str]:
@@ -33,6 +33,21 @@ class BackendTable:
 
     def resolve(self, requested: Optional[str], device: torch.device, call: object) -> str:
         return backends.resolve(self.op, requested, device, lambda name: self.reason(name, call))
+
+
+class _ContiguousResults(dict):
+    """backend -> implementation, where each implementation's tensors come back
+    contiguous: the fake ops allocate contiguous outputs, and torch.compile checks
+    the real strides against them (a no-op for kernels that write contiguous tensors;
+    the reference math keeps the strides of a non-contiguous input)."""
+
+    def __getitem__(self, backend: str):
+        implementation = super().__getitem__(backend)
+
+        def with_contiguous_results(*args):
+            return tuple(t.contiguous() for t in implementation(*args))
+
+        return with_contiguous_results
 
 
 def empty_placeholder(like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:

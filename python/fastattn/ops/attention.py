@@ -226,8 +226,8 @@ def attention_bwd(
 def _attention_bwd_fake(dout, dlse, q, k, v, out, lse, attn_bias, alibi_slopes, rng_seed, scale,
                         window_left, window_right, top_left, softcap, dropout_p, bias_needs_grad,
                         backend):
-    dbias = torch.empty_like(attn_bias) if bias_needs_grad else empty_placeholder(q)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
+    dbias = attn_bias.new_empty(attn_bias.shape) if bias_needs_grad else empty_placeholder(q)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
 
 
 _SCALARS = ("scale", "window_left", "window_right", "top_left", "softcap", "dropout_p", "backend")

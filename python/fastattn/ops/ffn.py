@@ -139,7 +139,7 @@ def ffn_bwd(
 
 @ffn_bwd.register_fake
 def _ffn_bwd_fake(dy, x, w1, b1, w2, b2, hidden_pre, activation, backend):
-    return tuple(empty_placeholder(x) if t is None else torch.empty_like(t) for t in (x, w1, b1, w2, b2))
+    return tuple(empty_placeholder(x) if t is None else t.new_empty(t.shape) for t in (x, w1, b1, w2, b2))
 
 
 def _setup_context(ctx, inputs, output):

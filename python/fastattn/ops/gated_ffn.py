@@ -109,7 +109,7 @@ def gated_ffn_bwd(
 
 @gated_ffn_bwd.register_fake
 def _gated_ffn_bwd_fake(dy, x, w_gate, w_up, w_down, gate_pre, up_pre, activation, backend):
-    return tuple(torch.empty_like(t) for t in (x, w_gate, w_up, w_down))
+    return tuple(t.new_empty(t.shape) for t in (x, w_gate, w_up, w_down))
 
 
 def _setup_context(ctx, inputs, output):

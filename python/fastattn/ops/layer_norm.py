@@ -50,7 +50,7 @@ def residual_out_or_placeholder(x: Tensor, residual: Optional[Tensor], summed: T
 def fake_residual_out(x: Tensor, residual: Optional[Tensor], residual_in_fp32: bool) -> Tensor:
     if residual is None:
         return empty_placeholder(x)
-    return torch.empty_like(x, dtype=reference.residual_dtype(x, residual, residual_in_fp32))
+    return x.new_empty(x.shape, dtype=reference.residual_dtype(x, residual, residual_in_fp32))
 
 
 def add_residual(x: Tensor, residual: Optional[Tensor], residual_in_fp32: bool) -> Tensor:
@@ -120,8 +120,8 @@ def layer_norm_fwd(
 @layer_norm_fwd.register_fake
 def _layer_norm_fwd_fake(x, weight, bias, residual, eps, residual_in_fp32, backend):
     stats = x.new_empty(x.shape[0], dtype=torch.float32)
-    return (torch.empty_like(x), fake_residual_out(x, residual, residual_in_fp32), stats,
-            torch.empty_like(stats))
+    return (x.new_empty(x.shape), fake_residual_out(x, residual, residual_in_fp32), stats,
+            stats.new_empty(stats.shape))
 
 
 def finish_norm_grads(ds, dresidual_out, summed, *param_grads):
@@ -149,8 +149,8 @@ def layer_norm_bwd(
 
 @layer_norm_bwd.register_fake
 def _layer_norm_bwd_fake(dy, dresidual_out, summed, weight, bias, mean, rstd, eps, backend):
-    like_or_placeholder = lambda t: empty_placeholder(summed) if t is None else torch.empty_like(t)
-    return torch.empty_like(summed), like_or_placeholder(weight), like_or_placeholder(bias)
+    like_or_placeholder = lambda t: empty_placeholder(summed) if t is None else t.new_empty(t.shape)
+    return summed.new_empty(summed.shape), like_or_placeholder(weight), like_or_placeholder(bias)
 
 
 def split_ds(ctx, ds: Tensor):

@@ -92,7 +92,7 @@ def rms_norm_fwd(
 
 @rms_norm_fwd.register_fake
 def _rms_norm_fwd_fake(x, weight, residual, eps, residual_in_fp32, backend):
-    return (torch.empty_like(x), fake_residual_out(x, residual, residual_in_fp32),
+    return (x.new_empty(x.shape), fake_residual_out(x, residual, residual_in_fp32),
             x.new_empty(x.shape[0], dtype=torch.float32))
 
 
@@ -111,8 +111,8 @@ def rms_norm_bwd(
 
 @rms_norm_bwd.register_fake
 def _rms_norm_bwd_fake(dy, dresidual_out, summed, weight, rstd, eps, backend):
-    dweight = empty_placeholder(summed) if weight is None else torch.empty_like(weight)
-    return torch.empty_like(summed), dweight
+    dweight = empty_placeholder(summed) if weight is None else weight.new_empty(weight.shape)
+    return summed.new_empty(summed.shape), dweight
 
 
 def _setup_context(ctx, inputs, output):

@@ -152,7 +152,7 @@ def varlen_attention_bwd(
 
 @varlen_attention_bwd.register_fake
 def _varlen_attention_bwd_fake(dout, dlse, q, k, v, *rest):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 _SCALARS = ("max_seqlen_q", "max_seqlen_k")
