@@ -27,6 +27,14 @@ from norm_cases import (
 OP = LAYER_NORM
 BACKEND_NAMES = tuple(OP.module.BACKENDS.forward)
 ops = torch.ops.fastattn
+AUTOTUNED_GPU_SIZES = (1024, 4096, 8192, 16384, 65536)
+
+
+@pytest.fixture(autouse=True)
+def _one_pinned_config(monkeypatch):
+    """Every test runs one pinned config unless it pins its own or clears it to exercise the
+    autotuner: on a GPU, tuning each test's shape would take minutes."""
+    monkeypatch.setenv(CONFIG_ENV, "num_warps=8")
 
 
 @pytest.mark.parametrize("hidden,rows,dtype,flags", sweep_params())
@@ -57,10 +65,12 @@ def test_triton_wide_rows_cpu(hidden, rows, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("hidden", [1024, 2048, 4096, 5120, 8192, 12288, 16384, 32768, 65536])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-def test_triton_large_shapes_gpu(hidden, dtype):
-    """Benchmark-like shapes, autotuned (single-pass and looped layouts)."""
+def test_triton_large_shapes_gpu(hidden, dtype, monkeypatch):
+    """Benchmark-like shapes in both row layouts; bf16 at the benchmark's sizes autotuned."""
     device = torch.device("cuda")
     skip_unless_runs(OP, "triton", device)
+    if dtype == torch.bfloat16 and hidden in AUTOTUNED_GPU_SIZES:
+        monkeypatch.delenv(CONFIG_ENV)
     rows = max(16, (1 << 24) // (hidden * 8))
     check_call(OP, "triton", device, dtype, rows, hidden, Flags(residual=True, prenorm=True))
     check_call(OP, "triton", device, dtype, rows, hidden, Flags())
@@ -135,6 +145,8 @@ def test_triton_backward_is_deterministic(device, config, monkeypatch):
     skip_unless_runs(OP, "triton", device)
     if config:
         monkeypatch.setenv(CONFIG_ENV, config)
+    else:
+        monkeypatch.delenv(CONFIG_ENV)  # autotuned on a GPU
     rows, hidden = (100, 300) if device.type == "cpu" else (65536, 4096)
     x, weight, bias, residual = make_inputs(OP, rows, hidden, torch.bfloat16, Flags(residual=True), device)
     _, summed, mean, rstd = ops.layer_norm_fwd(x, weight, bias, residual, 1e-5, False, "triton")
