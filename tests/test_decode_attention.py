@@ -8,8 +8,9 @@ scale), the number of splits (one split, more splits than tiles), any strides, t
 in-place append of new keys/values, opcheck, torch.compile, and the Triton path's
 refusals and pinned configs. Bad input shared by every backend is in test_api.py.
 
-CPU runs the kernels in the interpreter (fp32 and fp16; bf16 tl.dot is broken there);
-the `gpu` tests run bf16/fp16 over long caches with the autotuned kernel.
+The tests run on the GPU where there is one (the kernels compiled, a pinned config unless
+a test autotunes), else on CPU in the interpreter (fp32 and fp16; bf16 tl.dot is broken
+there); the `gpu` tests add bf16/fp16 over long caches with the autotuned kernel.
 """
 
 from __future__ import annotations
@@ -18,16 +19,40 @@ import pytest
 import torch
 
 import fastattn
-from fastattn import reference
+from fastattn import backends, reference
 from fastattn.ops import decode_attention as decode_op
 from helpers import assert_within_naive_error, backends_of
 
 CONFIG_ENV = "FASTATTN_DECODE_ATTENTION_CONFIG"
-HAS_TRITON = "triton" in backends_of(decode_op.BACKENDS)
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+HAS_TRITON = "triton" in backends_of(decode_op.BACKENDS, DEVICE)
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed or TRITON_INTERPRET is off")
+# On a GPU, tests that do not autotune on purpose use this config (no tuning per case).
+GPU_TEST_CONFIG = "BLOCK_N=32,num_warps=4,num_stages=2"
+ON_GPU = DEVICE.type == "cuda" and not backends.triton_interpreter_on()
 
 
-def _caches(batch, kv_heads, capacity, head_dim, page_size=None, head_dim_v=None, device="cpu", spare_pages=3):
+def _pin(monkeypatch, config: str = "") -> None:
+    """Pin `config` (plus GPU_TEST_CONFIG on a GPU) in FASTATTN_DECODE_ATTENTION_CONFIG."""
+    value = ",".join(part for part in (GPU_TEST_CONFIG if ON_GPU else "", config) if part)
+    if value:
+        monkeypatch.setenv(CONFIG_ENV, value)
+
+
+@pytest.fixture(autouse=True)
+def _pinned_config_on_gpu(monkeypatch):
+    _pin(monkeypatch)
+
+
+def R(*shape):
+    return torch.randn(*shape, device=DEVICE)
+
+
+def U(*shape):
+    return torch.rand(*shape, device=DEVICE)
+
+
+def _caches(batch, kv_heads, capacity, head_dim, page_size=None, head_dim_v=None, device=DEVICE, spare_pages=3):
     """(k_cache, v_cache, block_table): contiguous (batch, kv_heads, capacity, d) when
     page_size is None, else pages in random order with a few unused ones."""
     head_dim_v = head_dim if head_dim_v is None else head_dim_v
@@ -41,7 +66,7 @@ def _caches(batch, kv_heads, capacity, head_dim, page_size=None, head_dim_v=None
             torch.randn(num_pages, kv_heads, page_size, head_dim_v, device=device), table)
 
 
-def _seqlens(values, device="cpu"):
+def _seqlens(values, device=DEVICE):
     return torch.tensor(values, dtype=torch.int32, device=device)
 
 
@@ -88,7 +113,7 @@ def _case_params():
 def test_caches_gqa_and_lengths(name, dtype):
     batch, heads, kv_heads, q_len, head_dim, capacity, page_size, seqlens = CASES[name]
     k_cache, v_cache, table = _caches(batch, kv_heads, capacity, head_dim, page_size)
-    q = torch.randn(batch, heads, q_len, head_dim)
+    q = R(batch, heads, q_len, head_dim)
     check_decode(q, k_cache, v_cache, _seqlens(seqlens), block_table=table, dtype=dtype)
 
 
@@ -96,39 +121,39 @@ def test_caches_gqa_and_lengths(name, dtype):
 def test_number_of_splits(splits, monkeypatch):
     """One split (the first kernel writes the output), several, and more splits than a
     sequence has tiles (empty splits: lse -inf partials) give the same result."""
-    monkeypatch.setenv(CONFIG_ENV, f"NUM_SPLITS={splits}")
+    _pin(monkeypatch, f"NUM_SPLITS={splits}")
     k_cache, v_cache, table = _caches(2, 1, 80, 32, page_size=16)
-    q = torch.randn(2, 4, 2, 32)
+    q = R(2, 4, 2, 32)
     check_decode(q, k_cache, v_cache, _seqlens([2, 75]), block_table=table)
 
 
 @pytest.mark.parametrize("option", ["window", "softcap-alibi-batch", "alibi-heads-scale-window0"])
 def test_options(option, monkeypatch):
-    monkeypatch.setenv(CONFIG_ENV, "NUM_SPLITS=2")
+    _pin(monkeypatch, "NUM_SPLITS=2")
     batch, heads, kv_heads, q_len = 2, 4, 2, 3
     options = {
         "window": dict(window_size=(17, -1)),
-        "softcap-alibi-batch": dict(softcap=2.5, alibi_slopes=torch.rand(batch, heads)),
-        "alibi-heads-scale-window0": dict(alibi_slopes=torch.rand(heads), scale=0.3, window_size=(0, 0)),
+        "softcap-alibi-batch": dict(softcap=2.5, alibi_slopes=U(batch, heads)),
+        "alibi-heads-scale-window0": dict(alibi_slopes=U(heads), scale=0.3, window_size=(0, 0)),
     }[option]
     k_cache, v_cache, table = _caches(batch, kv_heads, 70, 32, page_size=16 if option == "window" else None)
-    q = torch.randn(batch, heads, q_len, 32)
+    q = R(batch, heads, q_len, 32)
     check_decode(q, k_cache, v_cache, _seqlens([5, 66]), block_table=table, **options)
 
 
 def test_head_dim_v_differs():
     k_cache, v_cache, table = _caches(2, 1, 40, 32, page_size=16, head_dim_v=24)
-    check_decode(torch.randn(2, 2, 1, 32), k_cache, v_cache, _seqlens([17, 40]), block_table=table)
+    check_decode(R(2, 2, 1, 32), k_cache, v_cache, _seqlens([17, 40]), block_table=table)
 
 
 def test_any_strides_without_copies():
     """q and the caches as transposed (b, s, h, d) / (pages, page_size, h, d) views and a
     sliced head_dim give bitwise what contiguous tensors give."""
-    q_bshd = torch.randn(2, 3, 2, 16)
-    k_wide = torch.randn(6, 16, 1, 32)  # (pages, page_size, hk, 2d)
-    v_bshd = torch.randn(6, 16, 1, 16)
+    q_bshd = R(2, 3, 2, 16)
+    k_wide = R(6, 16, 1, 32)  # (pages, page_size, hk, 2d)
+    v_bshd = R(6, 16, 1, 16)
     q, k_cache, v_cache = q_bshd.transpose(1, 2), k_wide.transpose(1, 2)[..., ::2], v_bshd.transpose(1, 2)
-    table = torch.tensor([[4, 0, 2], [1, 5, 3]], dtype=torch.int32)
+    table = torch.tensor([[4, 0, 2], [1, 5, 3]], dtype=torch.int32, device=DEVICE)
     seqlens = _seqlens([3, 41])
     got = fastattn.decode_attention(q, k_cache, v_cache, seqlens, block_table=table, return_lse=True,
                                     backend="triton")
@@ -148,8 +173,8 @@ def test_append_new_kv_in_place(backend, page_size):
     batch, heads, kv_heads, q_len, d = 2, 4, 2, 3, 16
     k_cache, v_cache, table = _caches(batch, kv_heads, 48, d, page_size)
     seqlens = _seqlens([3, 35])
-    q = torch.randn(batch, heads, q_len, d)
-    k_new, v_new = torch.randn(batch, kv_heads, q_len, d), torch.randn(batch, kv_heads, q_len, d)
+    q = R(batch, heads, q_len, d)
+    k_new, v_new = R(batch, kv_heads, q_len, d), R(batch, kv_heads, q_len, d)
     expected_k, expected_v = k_cache.clone(), v_cache.clone()
     for b, length in enumerate(seqlens.tolist()):
         for t in range(q_len):
@@ -178,9 +203,9 @@ def test_append_new_kv_in_place(backend, page_size):
 def test_append_bad_input_leaves_the_cache_untouched(bad, error, match):
     k_cache, v_cache, _ = _caches(2, 2, 48, 16)
     before = (k_cache.clone(), v_cache.clone())
-    k_new, v_new = torch.randn(2, 2, 3, 16), torch.randn(2, 2, 3, 16)
+    k_new, v_new = R(2, 2, 3, 16), R(2, 2, 3, 16)
     with pytest.raises(error, match=match):
-        fastattn.decode_attention(torch.randn(2, 4, 3, 16), k_cache, v_cache, _seqlens([3, 30]), backend="triton",
+        fastattn.decode_attention(R(2, 4, 3, 16), k_cache, v_cache, _seqlens([3, 30]), backend="triton",
                                   **bad(k_new, v_new))
     assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
 
@@ -189,22 +214,22 @@ def test_append_bad_input_leaves_the_cache_untouched(bad, error, match):
 
 
 def test_opcheck_with_every_option(monkeypatch):
-    monkeypatch.setenv(CONFIG_ENV, "NUM_SPLITS=2")
+    _pin(monkeypatch, "NUM_SPLITS=2")
     k_cache, v_cache, table = _caches(2, 1, 32, 16, page_size=16)
-    q = torch.randn(2, 2, 2, 16)
+    q = R(2, 2, 2, 16)
     seqlens = _seqlens([2, 27])
-    args = (q, k_cache, v_cache, seqlens, table, torch.rand(2, 2), 0.3, 20, 3.0, "triton")
+    args = (q, k_cache, v_cache, seqlens, table, U(2, 2), 0.3, 20, 3.0, "triton")
     torch.library.opcheck(torch.ops.fastattn.decode_attention_fwd.default, args)
-    append_args = (torch.randn(2, 1, 2, 16), torch.randn(2, 1, 2, 16), k_cache, v_cache, seqlens, table, "triton")
+    append_args = (R(2, 1, 2, 16), R(2, 1, 2, 16), k_cache, v_cache, seqlens, table, "triton")
     torch.library.opcheck(torch.ops.fastattn.decode_attention_append.default, append_args)
 
 
 def test_compile_fullgraph_with_append_and_lse():
     torch._dynamo.reset()
     k_cache, v_cache, table = _caches(2, 2, 40, 16, page_size=16)
-    q = torch.randn(2, 4, 1, 16)
+    q = R(2, 4, 1, 16)
     seqlens = _seqlens([1, 30])
-    k_new, v_new = torch.randn(2, 2, 1, 16), torch.randn(2, 2, 1, 16)
+    k_new, v_new = R(2, 2, 1, 16), R(2, 2, 1, 16)
 
     def step(k_cache_, v_cache_):
         out, lse = fastattn.decode_attention(q, k_cache_, v_cache_, seqlens, block_table=table, k_new=k_new,
@@ -225,9 +250,9 @@ def test_compile_fullgraph_with_append_and_lse():
 def test_triton_refuses_what_it_cannot_serve():
     k_cache, v_cache, _ = _caches(1, 1, 8, 264)
     with pytest.raises(ValueError, match=r"backend 'triton' cannot serve .*head_dim up to 256, got 264"):
-        fastattn.decode_attention(torch.randn(1, 2, 1, 264), k_cache, v_cache, _seqlens([4]), backend="triton")
+        fastattn.decode_attention(R(1, 2, 1, 264), k_cache, v_cache, _seqlens([4]), backend="triton")
     k_cache, v_cache, _ = _caches(1, 1, 8, 16)
-    q = torch.randn(1, 2, 1, 16)
+    q = R(1, 2, 1, 16)
     with pytest.raises(ValueError, match="float16, bfloat16 or float32, got float64"):
         fastattn.decode_attention(q.double(), k_cache.double(), v_cache.double(), _seqlens([4]), backend="triton")
     assert fastattn.decode_attention(q.double(), k_cache.double(), v_cache.double(), _seqlens([4])).dtype == \
@@ -236,7 +261,7 @@ def test_triton_refuses_what_it_cannot_serve():
 
 def test_bad_pinned_config_is_refused(monkeypatch):
     k_cache, v_cache, _ = _caches(1, 1, 8, 16)
-    q = torch.randn(1, 2, 1, 16)
+    q = R(1, 2, 1, 16)
     for value, match in (("BLOCK_N=24", "BLOCK_N must be a power of 2"), ("NUM_SPLITS=1000", "NUM_SPLITS must be <="),
                          ("BLOCK_M=16", "must be comma-separated")):
         monkeypatch.setenv(CONFIG_ENV, value)

@@ -10,8 +10,9 @@ what the dense kernel gives it alone, any strides without copies, pinned tile co
 opcheck, torch.compile, and the Triton path's refusals. Bad input shared by every
 backend is in test_api.py.
 
-CPU runs the kernels in the interpreter (fp32 and fp16; bf16 tl.dot is broken there);
-the `gpu` tests run fp16/bf16 over long sequences with the autotuned kernels.
+The tests run on the GPU where there is one (the kernels compiled, a pinned config unless
+a test autotunes), else on CPU in the interpreter (fp32 and fp16; bf16 tl.dot is broken
+there); the `gpu` tests add fp16/bf16 over long sequences with the autotuned kernels.
 """
 
 from __future__ import annotations
@@ -23,14 +24,31 @@ import pytest
 import torch
 
 import fastattn
-from fastattn import reference
+from fastattn import backends, reference
 from fastattn.ops import varlen_attention as varlen_op
 from fastattn.ops._common import draw_rng_seed
 from helpers import FACTOR, GRAD_FACTOR, assert_within_naive_error, backends_of
 
 CONFIG_ENV = "FASTATTN_ATTENTION_CONFIG"
-HAS_TRITON = "triton" in backends_of(varlen_op.BACKENDS)
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+HAS_TRITON = "triton" in backends_of(varlen_op.BACKENDS, DEVICE)
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed or TRITON_INTERPRET is off")
+# On a GPU, tests that do not pin a config themselves use this one (no autotuning per case).
+GPU_TEST_CONFIG = "BLOCK_M=32,BLOCK_N=32,num_warps=4,num_stages=1"
+
+
+@pytest.fixture(autouse=True)
+def _pinned_config_on_gpu(monkeypatch):
+    if DEVICE.type == "cuda" and not backends.triton_interpreter_on():
+        monkeypatch.setenv(CONFIG_ENV, GPU_TEST_CONFIG)
+
+
+def R(*shape):
+    return torch.randn(*shape, device=DEVICE)
+
+
+def U(*shape):
+    return torch.rand(*shape, device=DEVICE)
 
 
 def _kernels():
@@ -39,11 +57,11 @@ def _kernels():
     return kernels
 
 
-def _cu(lengths, device="cpu"):
+def _cu(lengths, device=DEVICE):
     return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
 
 
-def _packed(lengths_q, lengths_k, heads, kv_heads, head_dim, head_dim_v=None, device="cpu"):
+def _packed(lengths_q, lengths_k, heads, kv_heads, head_dim, head_dim_v=None, device=DEVICE):
     head_dim_v = head_dim if head_dim_v is None else head_dim_v
     return (torch.randn(sum(lengths_q), heads, head_dim, device=device),
             torch.randn(sum(lengths_k), kv_heads, head_dim, device=device),
@@ -82,8 +100,8 @@ def check_varlen(lengths_q, lengths_k, heads, kv_heads, head_dim, *, head_dim_v=
     the rng_seed `keep` was made from). Returns (out, lse, dq, dk, dv)."""
     q, k, v = _packed(lengths_q, lengths_k, heads, kv_heads, head_dim, head_dim_v)
     cu_q, cu_k = _cu(lengths_q), _cu(lengths_k)
-    dout = torch.randn(q.shape[0], heads, v.shape[-1])
-    dlse = torch.randn(heads, q.shape[0])
+    dout = R(q.shape[0], heads, v.shape[-1])
+    dlse = R(heads, q.shape[0])
     slopes = options.pop("alibi_slopes", None)
 
     def run(fn, cast):
@@ -147,8 +165,8 @@ def _option_cases():
     return {
         "window": dict(window_size=(5, 3)),
         "window-left-causal-scale": dict(window_size=(8, -1), causal=True, scale=0.3),
-        "softcap-alibi-per-sequence": dict(softcap=2.0, alibi_slopes=torch.rand(3, 2), causal=True),
-        "alibi-heads-window-right": dict(alibi_slopes=torch.rand(2), window_size=(-1, 4)),
+        "softcap-alibi-per-sequence": dict(softcap=2.0, alibi_slopes=U(3, 2), causal=True),
+        "alibi-heads-window-right": dict(alibi_slopes=U(2), window_size=(-1, 4)),
     }
 
 
@@ -165,9 +183,9 @@ def test_dropout_matches_reference_given_the_kernels_mask():
     torch.manual_seed(7)
     seed = draw_rng_seed()  # what varlen_attention draws after the same manual_seed
     keep = _kernels().dropout_keep_mask(len(lengths_q), heads, max(lengths_q), max(lengths_k), p, seed,
-                                        torch.device("cpu"))
+                                        DEVICE)
     check_varlen(lengths_q, lengths_k, heads, 1, 16, dropout_p=p, keep=keep, seed=7, causal=True,
-                 alibi_slopes=torch.rand(heads))
+                 alibi_slopes=U(heads))
 
 
 # ----------------------------------------------------------------------------- the kernels
@@ -194,10 +212,10 @@ def test_any_strides_without_copies():
     output gradient give bitwise what contiguous tensors give."""
     lengths = [7, 0, 26]
     cu = _cu(lengths)
-    qkv = torch.randn(sum(lengths), 3, 2, 16)
+    qkv = R(sum(lengths), 3, 2, 16)
     leaves = [qkv[:, i].detach().requires_grad_() for i in range(3)]  # (total, heads, d) views
     out, lse = fastattn.varlen_attention(*leaves, cu, cu, 26, 26, causal=True, return_lse=True, backend="triton")
-    dout = torch.randn(1, 1, 16).expand(out.shape)
+    dout = R(1, 1, 16).expand(out.shape)
     grads = torch.autograd.grad(out, leaves, dout)
     contiguous = [t.detach().contiguous().requires_grad_() for t in leaves]
     out_c, lse_c = fastattn.varlen_attention(*contiguous, cu, cu, 26, 26, causal=True, return_lse=True,
@@ -232,7 +250,7 @@ def test_opcheck_with_every_option():
     lengths_q, lengths_k = [0, 9], [2, 7]
     q, k, v = _packed(lengths_q, lengths_k, 1, 1, 16)
     cu_q, cu_k = _cu(lengths_q), _cu(lengths_k)
-    slopes, seed = torch.rand(2, 1), torch.tensor([42], dtype=torch.int64)
+    slopes, seed = U(2, 1), torch.tensor([42], dtype=torch.int64)
     options = (0.3, 4, 2, 3.0, 0.25, "triton")  # scale, window_left, window_right, softcap, dropout_p, backend
     fwd_args = (q, k, v, cu_q, cu_k, 9, 7, slopes, seed, *options)
     torch.library.opcheck(torch.ops.fastattn.varlen_attention_fwd.default, fwd_args)
@@ -247,7 +265,7 @@ def test_compile_fullgraph_forward_and_backward_with_options():
     lengths_q, lengths_k = [0, 12], [2, 10]
     q, k, v = _packed(lengths_q, lengths_k, 1, 1, 16)
     cu_q, cu_k = _cu(lengths_q), _cu(lengths_k)
-    slopes = torch.rand(1)
+    slopes = U(1)
 
     def f(q_, k_, v_):
         out, lse = fastattn.varlen_attention(q_, k_, v_, cu_q, cu_k, 12, 10, causal=True, softcap=4.0,

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .. import _validate as check
 from .. import reference
+from ..backends import triton_interpreter_on
 from . import attention as dense
 from ._common import BackendTable
 
@@ -96,6 +97,8 @@ def _limits(backend: str, call: DecodeCall) -> Optional[str]:
     if backend == "triton":
         if call.dtype not in dense.TRITON_DTYPES:
             return f"the Triton kernels take float16, bfloat16 or float32, got {check.dtype_name(call.dtype)}"
+        if call.dtype == torch.bfloat16 and triton_interpreter_on():
+            return "the Triton interpreter (TRITON_INTERPRET=1) computes tl.dot on bfloat16 wrongly"
         if call.head_dim > dense.TRITON_MAX_HEAD_DIM:
             return f"the Triton kernels take head_dim up to {dense.TRITON_MAX_HEAD_DIM}, got {call.head_dim}"
     if backend == "torch":
