@@ -169,7 +169,7 @@ __global__ void __launch_bounds__(FfnTraits::kColThreads* FfnTraits::kRowThreads
 }
 
 template <typename T, int kVec, Activation kAct>
-__global__ void __launch_bounds__(FfnTraits::kColThreads* FfnTraits::kRowThreads) _gated_act_fwd_kernel(
+__global__ void __launch_bounds__(FfnTraits::kColThreads* FfnTraits::kRowThreads) _gated_ffn_act_fwd_kernel(
     const GatedFwdParams p  // pointers, sizes, strides: see ffn.cuh
 ) {
   const int64_t v = static_cast<int64_t>(blockIdx.x) * FfnTraits::kColThreads + threadIdx.x;
@@ -193,7 +193,7 @@ __global__ void __launch_bounds__(FfnTraits::kColThreads* FfnTraits::kRowThreads
 }
 
 template <typename T, int kVec, Activation kAct>
-__global__ void __launch_bounds__(FfnTraits::kColThreads* FfnTraits::kRowThreads) _gated_act_bwd_kernel(
+__global__ void __launch_bounds__(FfnTraits::kColThreads* FfnTraits::kRowThreads) _gated_ffn_act_bwd_kernel(
     const GatedBwdParams p  // pointers, sizes, strides: see ffn.cuh
 ) {
   const int64_t v = static_cast<int64_t>(blockIdx.x) * FfnTraits::kColThreads + threadIdx.x;
@@ -225,7 +225,7 @@ __global__ void __launch_bounds__(FfnTraits::kColThreads* FfnTraits::kRowThreads
 }
 
 template <typename T, int kVec>
-__global__ void __launch_bounds__(FfnTraits::kColThreads* FfnTraits::kRowThreads) _column_sum_kernel(
+__global__ void __launch_bounds__(FfnTraits::kColThreads* FfnTraits::kRowThreads) _ffn_column_sum_kernel(
     const ColumnSumParams p  // pointers, sizes, strides: see ffn.cuh
 ) {
   const int64_t v = static_cast<int64_t>(blockIdx.x) * FfnTraits::kColThreads + threadIdx.x;
@@ -369,10 +369,10 @@ void gated_act_fwd(const GatedFwdParams& p, void* stream_ptr) {
   dispatch_all(p.dtype, vectorized, p.activation, [&](auto t_tag, auto vec_tag, auto act_tag) {
     using T = typename decltype(t_tag)::type;
     constexpr int kVec = decltype(vec_tag)::value;
-    _gated_act_fwd_kernel<T, kVec, decltype(act_tag)::value>
+    _gated_ffn_act_fwd_kernel<T, kVec, decltype(act_tag)::value>
         <<<elementwise_grid(p.cols, kVec, plain_row_blocks(p.rows)), kBlock, 0, stream>>>(p);
   });
-  check_cuda(cudaGetLastError(), "_gated_act_fwd_kernel launch");
+  check_cuda(cudaGetLastError(), "_gated_ffn_act_fwd_kernel launch");
 }
 
 void gated_act_bwd(const GatedBwdParams& p, void* stream_ptr) {
@@ -384,10 +384,10 @@ void gated_act_bwd(const GatedBwdParams& p, void* stream_ptr) {
   dispatch_all(p.dtype, vectorized, p.activation, [&](auto t_tag, auto vec_tag, auto act_tag) {
     using T = typename decltype(t_tag)::type;
     constexpr int kVec = decltype(vec_tag)::value;
-    _gated_act_bwd_kernel<T, kVec, decltype(act_tag)::value>
+    _gated_ffn_act_bwd_kernel<T, kVec, decltype(act_tag)::value>
         <<<elementwise_grid(p.cols, kVec, plain_row_blocks(p.rows)), kBlock, 0, stream>>>(p);
   });
-  check_cuda(cudaGetLastError(), "_gated_act_bwd_kernel launch");
+  check_cuda(cudaGetLastError(), "_gated_ffn_act_bwd_kernel launch");
 }
 
 void column_sum(const ColumnSumParams& p, void* stream_ptr) {
@@ -398,12 +398,12 @@ void column_sum(const ColumnSumParams& p, void* stream_ptr) {
     using T = typename decltype(t_tag)::type;
     if (vectorized) {
       constexpr int kVec = static_cast<int>(kVecBytes / sizeof(T));
-      _column_sum_kernel<T, kVec><<<elementwise_grid(p.cols, kVec, ffn_partial_rows(p.rows)), kBlock, 0, stream>>>(p);
+      _ffn_column_sum_kernel<T, kVec><<<elementwise_grid(p.cols, kVec, ffn_partial_rows(p.rows)), kBlock, 0, stream>>>(p);
     } else {
-      _column_sum_kernel<T, 1><<<elementwise_grid(p.cols, 1, ffn_partial_rows(p.rows)), kBlock, 0, stream>>>(p);
+      _ffn_column_sum_kernel<T, 1><<<elementwise_grid(p.cols, 1, ffn_partial_rows(p.rows)), kBlock, 0, stream>>>(p);
     }
   });
-  check_cuda(cudaGetLastError(), "_column_sum_kernel launch");
+  check_cuda(cudaGetLastError(), "_ffn_column_sum_kernel launch");
 }
 
 }  // namespace fastattn

@@ -166,10 +166,11 @@ bool gemm_lt(const GemmParams& p, void* stream_ptr) {
 
   const float alpha = 1.f;
   const float beta = p.beta;
-  check_lt(cublasLtMatmul(handle, op.desc, &alpha, p.b, first.layout, p.a, second.layout, &beta, p.d, out.layout, p.d,
-                          out.layout, &heuristic.algo, p.workspace, workspace_bytes,
-                          static_cast<cudaStream_t>(stream_ptr)),
-           "cublasLtMatmul");
+  const cublasStatus_t run = cublasLtMatmul(handle, op.desc, &alpha, p.b, first.layout, p.a, second.layout, &beta, p.d,
+                                            out.layout, p.d, out.layout, &heuristic.algo, p.workspace, workspace_bytes,
+                                            static_cast<cudaStream_t>(stream_ptr));
+  if (run == CUBLAS_STATUS_NOT_SUPPORTED) return false;  // refused before launching anything
+  check_lt(run, "cublasLtMatmul");
   return true;
 }
 

@@ -34,7 +34,8 @@ template <int kVec>
 constexpr int kBwdUnroll = kVec >= 4 ? 16 / kVec : 4;
 
 template <typename T, typename TR, int kVec>
-__global__ void __launch_bounds__(NormTraits::kWarpRowsPerBlock * kWarpSize, 4) _layer_norm_bwd_warp_kernel(
+__global__ void __launch_bounds__(NormTraits::kWarpRowsPerBlock * kWarpSize, NormTraits::kWarpBwdMinBlocksPerSm)
+    _layer_norm_bwd_warp_kernel(
     const NormBwdParams p,         // pointers, sizes, strides: see layer_norm.cuh
     const int64_t rows_per_block   // rows [blockIdx.x · rows_per_block, + rows_per_block) belong to this block
 ) {

@@ -21,6 +21,8 @@ struct NormTraits {
   // Backward grid: at most this many resident blocks per SM are launched (persistent;
   // each block owns a contiguous range of rows and one fp32 partial row of dw / db).
   static constexpr int kBwdMaxBlocksPerSm = 8;
+  // Warp-per-row backward: the register cap asks for this many resident blocks per SM.
+  static constexpr int kWarpBwdMinBlocksPerSm = 4;
   // Reduction of the (partial_rows, hidden) fp32 partials: kReduceCols columns per block,
   // kReduceRows threads per column walking the partial rows.
   static constexpr int kReduceCols = 32;

@@ -40,10 +40,15 @@ def no_limits(backend: str, call: FfnCall) -> Optional[str]:
 
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def limits(backend: str, call: FfnCall) -> Optional[str]:
-    """What the triton backend cannot serve (shared with gated_ffn)."""
+    """What the triton and cuda backends cannot serve (shared with gated_ffn)."""
+    if backend == "cuda":
+        if call.dtype not in CUDA_DTYPES:
+            return f"the cuda kernels take float16, bfloat16 or float32, got {check.dtype_name(call.dtype)}"
+        return None
     if backend != "triton":
         return None
     if call.dtype not in TRITON_DTYPES:
@@ -94,10 +99,29 @@ def _triton_backward(dy, x, w1, b1, w2, b2, hidden_pre, activation):
     return tuple(empty_placeholder(x) if g is None else g for g in grads)
 
 
+def _cuda_forward(x, w1, b1, w2, b2, activation, save_hidden):
+    """fastattn_cuda::ffn_fwd: cuBLASLt GEMMs with bias epilogues and our activation kernel."""
+    from .. import _extension
+
+    _extension.extension()
+    y, hidden = torch.ops.fastattn_cuda.ffn_fwd(x, w1, b1, w2, b2, activation, save_hidden)
+    return y, hidden
+
+
+def _cuda_backward(dy, x, w1, b1, w2, b2, hidden_pre, activation):
+    from .. import _extension
+
+    _extension.extension()
+    grads = torch.ops.fastattn_cuda.ffn_bwd(dy.to(x.dtype), x, w1, b1, w2, b2,
+                                            None if is_placeholder(hidden_pre) else hidden_pre, activation)
+    return tuple(grads)
+
+
 BACKENDS = BackendTable(
     "ffn",
-    forward={"naive": _naive_forward, "torch": _torch_forward, "triton": _triton_forward},
-    backward={"naive": _reference_backward, "torch": _reference_backward, "triton": _triton_backward},
+    forward={"naive": _naive_forward, "torch": _torch_forward, "triton": _triton_forward, "cuda": _cuda_forward},
+    backward={"naive": _reference_backward, "torch": _reference_backward, "triton": _triton_backward,
+              "cuda": _cuda_backward},
     limits=limits,
 )
 

@@ -62,10 +62,30 @@ def _triton_backward(dy, x, w_gate, w_up, w_down, gate_pre, up_pre, activation):
                                       up_pre if saved else None, activation)
 
 
+def _cuda_forward(x, w_gate, w_up, w_down, activation, save_hidden):
+    """fastattn_cuda::gated_ffn_fwd: cuBLASLt GEMMs and our fused gated activation kernel."""
+    from .. import _extension
+
+    _extension.extension()
+    y, gate, up = torch.ops.fastattn_cuda.gated_ffn_fwd(x, w_gate, w_up, w_down, activation, save_hidden)
+    return y, gate, up
+
+
+def _cuda_backward(dy, x, w_gate, w_up, w_down, gate_pre, up_pre, activation):
+    from .. import _extension
+
+    _extension.extension()
+    saved = not (is_placeholder(gate_pre) or is_placeholder(up_pre))
+    grads = torch.ops.fastattn_cuda.gated_ffn_bwd(dy.to(x.dtype), x, w_gate, w_up, w_down,
+                                                  gate_pre if saved else None, up_pre if saved else None, activation)
+    return tuple(grads)
+
+
 BACKENDS = BackendTable(
     "gated_ffn",
-    forward={"naive": _naive_forward, "torch": _torch_forward, "triton": _triton_forward},
-    backward={"naive": _reference_backward, "torch": _reference_backward, "triton": _triton_backward},
+    forward={"naive": _naive_forward, "torch": _torch_forward, "triton": _triton_forward, "cuda": _cuda_forward},
+    backward={"naive": _reference_backward, "torch": _reference_backward, "triton": _triton_backward,
+              "cuda": _cuda_backward},
     limits=limits,
 )
 

@@ -34,12 +34,15 @@ class NormCall:
 
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def norm_limits(backend: str, call: NormCall) -> Optional[str]:
     """The calls a backend of layer_norm / rms_norm cannot serve (any hidden size is fine)."""
     if backend == "triton" and call.dtype not in TRITON_DTYPES:
         return f"the triton norm kernels take float16, bfloat16 or float32 x, got {str(call.dtype)[6:]}"
+    if backend == "cuda" and call.dtype not in CUDA_DTYPES:
+        return f"the cuda norm kernels take float16, bfloat16 or float32 x, got {str(call.dtype)[6:]}"
     return None
 
 
@@ -96,10 +99,62 @@ def _triton_backward(dy, dresidual_out, summed, weight, bias, mean, rstd, eps):
     return kernels.layer_norm_backward(dy, dresidual_out, summed, weight, bias, mean, rstd)
 
 
+def _cuda_params(like: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]):
+    """weight and bias as the CUDA kernels take them: both in like's dtype or both fp32."""
+    dtypes = {t.dtype for t in (weight, bias) if t is not None}
+    if dtypes <= {like.dtype} or dtypes == {torch.float32}:
+        return weight, bias
+    return tuple(None if t is None else t.float() for t in (weight, bias))
+
+
+def cuda_norm_forward(x, weight, bias, residual, eps, residual_in_fp32, is_rms_norm):
+    """The cuda backend's forward of layer_norm and rms_norm (fastattn_cuda::layer_norm_fwd).
+
+    The kernels keep the residual stream s = x + residual in x's dtype or fp32; a stream of
+    another dtype (a float16 residual with bfloat16 x, a float64 one) is formed in fp32 and
+    cast back.
+    """
+    from .. import _extension
+
+    _extension.extension()
+    stream = None if residual is None else reference.residual_dtype(x, residual, residual_in_fp32)
+    if residual is not None:
+        residual = residual.to(stream if stream in (x.dtype, torch.float32) else torch.float32)
+    weight, bias = _cuda_params(x, weight, bias)
+    y, residual_out, mean, rstd = torch.ops.fastattn_cuda.layer_norm_fwd(x, weight, bias, residual, eps, is_rms_norm)
+    if stream is not None:
+        residual_out = residual_out.to(stream)
+    return y, residual_out, mean, rstd
+
+
+def cuda_norm_backward(dy, dresidual_out, summed, weight, bias, mean, rstd, is_rms_norm):
+    """The cuda backend's backward of layer_norm and rms_norm (fastattn_cuda::layer_norm_bwd):
+    (ds in s's dtype, dweight, dbias), placeholders for absent parameters."""
+    from .. import _extension
+
+    _extension.extension()
+    s = summed if summed.dtype in (dy.dtype, torch.float32) else summed.float()
+    dresidual_out = None if is_placeholder(dresidual_out) else dresidual_out.to(s.dtype)
+    w, b = _cuda_params(dy, weight, bias)
+    ds, dweight, dbias = torch.ops.fastattn_cuda.layer_norm_bwd(dy, dresidual_out, s, w, b,
+                                                                None if is_rms_norm else mean, rstd, is_rms_norm)
+    grad = lambda g, param: empty_placeholder(summed) if param is None else g.to(param.dtype)
+    return ds.to(summed.dtype), grad(dweight, weight), grad(dbias, bias)
+
+
+def _cuda_forward(x, weight, bias, residual, eps, residual_in_fp32):
+    return cuda_norm_forward(x, weight, bias, residual, eps, residual_in_fp32, is_rms_norm=False)
+
+
+def _cuda_backward(dy, dresidual_out, summed, weight, bias, mean, rstd, eps):
+    return cuda_norm_backward(dy, dresidual_out, summed, weight, bias, mean, rstd, is_rms_norm=False)
+
+
 BACKENDS = BackendTable(
     "layer_norm",
-    forward={"naive": _naive_forward, "torch": _torch_forward, "triton": _triton_forward},
-    backward={"naive": _reference_backward, "torch": _reference_backward, "triton": _triton_backward},
+    forward={"naive": _naive_forward, "torch": _torch_forward, "triton": _triton_forward, "cuda": _cuda_forward},
+    backward={"naive": _reference_backward, "torch": _reference_backward, "triton": _triton_backward,
+              "cuda": _cuda_backward},
     limits=norm_limits,
 )
 

@@ -21,6 +21,8 @@ from .layer_norm import (
     norm_limits,
     add_residual,
     check_norm_args,
+    cuda_norm_backward,
+    cuda_norm_forward,
     fake_residual_out,
     finish_norm_grads,
     finish_norm,
@@ -70,10 +72,21 @@ def _triton_backward(dy, dresidual_out, summed, weight, rstd, eps):
     return ds, dweight
 
 
+def _cuda_forward(x, weight, residual, eps, residual_in_fp32):
+    y, residual_out, _, rstd = cuda_norm_forward(x, weight, None, residual, eps, residual_in_fp32, is_rms_norm=True)
+    return y, residual_out, rstd
+
+
+def _cuda_backward(dy, dresidual_out, summed, weight, rstd, eps):
+    ds, dweight, _ = cuda_norm_backward(dy, dresidual_out, summed, weight, None, None, rstd, is_rms_norm=True)
+    return ds, dweight
+
+
 BACKENDS = BackendTable(
     "rms_norm",
-    forward={"naive": _naive_forward, "torch": _torch_forward, "triton": _triton_forward},
-    backward={"naive": _reference_backward, "torch": _reference_backward, "triton": _triton_backward},
+    forward={"naive": _naive_forward, "torch": _torch_forward, "triton": _triton_forward, "cuda": _cuda_forward},
+    backward={"naive": _reference_backward, "torch": _reference_backward, "triton": _triton_backward,
+              "cuda": _cuda_backward},
     limits=norm_limits,
 )
 
