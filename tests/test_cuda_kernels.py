@@ -9,8 +9,9 @@ and off, cuBLASLt epilogues, cuBLASLt off); mixed residual / parameter dtypes, s
 stride-0 inputs, empty inputs, bitwise reproducible parameter gradients, opcheck,
 torch.compile, and a compute-sanitizer memcheck run over a small case of every kernel.
 
-Everything here needs a CUDA device and the built extension
-(`pip install --no-build-isolation -e .` on the GPU machine): it is all marked gpu.
+All but the last two tests need a CUDA device and the built extension
+(`pip install --no-build-isolation -e .` on the GPU machine) and are marked gpu; those two
+check, anywhere, that the backend's refusals name the reason.
 """
 
 from __future__ import annotations
@@ -32,8 +33,6 @@ from fastattn.ops import layer_norm as layer_norm_op
 from fastattn.ops import rms_norm as rms_norm_op
 from helpers import GRAD_FACTOR, assert_within_naive_error
 
-pytestmark = pytest.mark.gpu
-
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 ACTIVATIONS = list(reference.ACTIVATIONS)
 NORM_CONFIG_ENV = "FASTATTN_LAYER_NORM_CUDA_CONFIG"
@@ -41,11 +40,13 @@ FFN_CONFIG_ENV = "FASTATTN_FFN_CUDA_CONFIG"
 
 
 @pytest.fixture(autouse=True)
-def _cuda_extension(monkeypatch):
-    """Fail (not skip) without the extension: on a GPU machine it must be built. Each test
-    starts with the automatic launch choices."""
+def _cuda_extension(request, monkeypatch):
+    """gpu tests fail (not skip) without the extension: on a GPU machine it must be built.
+    Each starts with the automatic launch choices."""
     from fastattn import _extension
 
+    if request.node.get_closest_marker("gpu") is None:
+        return
     reason = _extension.unavailable_reason()
     if reason is not None:
         pytest.fail(f"the cuda backend is unavailable: {reason}")
@@ -137,6 +138,7 @@ def _check_norm(op, inputs, *, prenorm=True, residual_in_fp32=False, what=""):
     _assert_all(ours_grads, naive_grads, ref_grads, names, f"{op}{what}")
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("hidden", [1, 7, 64, 255, 1000, 1024, 1025, 3000, 4096, 8200])
 @pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
@@ -145,6 +147,7 @@ def test_norm_matches_reference(op, hidden, dtype):
     _check_norm(op, inputs, what=f" hidden={hidden} {dtype}")
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("config", ["path=warp", "path=block", "vec=0", "path=block,vec=0",
                                     "path=block,cache=0", "path=block,smem_acc=0",
                                     "path=block,cache=0,smem_acc=0,vec=0"])
@@ -158,6 +161,7 @@ def test_norm_launch_paths(monkeypatch, op, hidden, config):
         _check_norm(op, inputs, what=f" {config} hidden={hidden} {dtype}")
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("variant", ["plain", "weight_only", "fp32_stream", "residual_in_fp32", "fp32_params",
                                      "mixed_params", "fp16_residual", "no_prenorm"])
 @pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
@@ -182,6 +186,7 @@ def test_norm_dtype_mixes(op, variant):
                 what=f" {variant}")
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("hidden", [65536, 65536 + 5])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_norm_widest_rows(hidden, dtype):
@@ -191,27 +196,30 @@ def test_norm_widest_rows(hidden, dtype):
         _check_norm(op, inputs, what=f" hidden={hidden} {dtype}")
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("hidden", [64, 2048])
 def test_norm_strided_and_broadcast_inputs(hidden):
-    """Non-contiguous x / residual views, and a stride-0 gradient (y.sum().backward())."""
-    wide = torch.randn(17, 2 * hidden, device="cuda", dtype=torch.bfloat16)
+    """Non-contiguous x / residual views, and a stride-0 gradient (y.sum().backward() on
+    float32 output reaches the backward as an expanded tensor)."""
+    wide = torch.randn(17, 2 * hidden, device="cuda")
     x = wide[:, ::2].detach().requires_grad_()  # column stride 2
-    residual = torch.randn(hidden, 17, device="cuda", dtype=torch.bfloat16).t().detach().requires_grad_()
-    weight = torch.randn(hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    residual = torch.randn(hidden, 17, device="cuda").t().detach().requires_grad_()  # (17, hidden), column stride 17
+    weight = torch.randn(hidden, device="cuda", requires_grad=True)
     y = fastattn.layer_norm(x, weight, None, residual=residual, backend="cuda")
-    y.float().sum().backward()
+    y.sum().backward()
     x64, r64, w64 = (t.detach().double().requires_grad_() for t in (x, residual, weight))
     ref = reference.layer_norm(x64, w64, None, residual=r64)
     ref.sum().backward()
     naive_leaves = [t.detach().clone().requires_grad_() for t in (x, residual, weight)]
     naive = fastattn.layer_norm(naive_leaves[0], naive_leaves[2], None, residual=naive_leaves[1], backend="naive")
-    naive.float().sum().backward()
+    naive.sum().backward()
     assert_within_naive_error(y, naive, ref, what="strided y")
     for name, ours, nv, rf in zip(("dx", "dresidual", "dweight"), (x.grad, residual.grad, weight.grad),
                                   (t.grad for t in naive_leaves), (x64.grad, r64.grad, w64.grad)):
         assert_within_naive_error(ours, nv, rf, factor=GRAD_FACTOR, what=f"strided {name}")
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("hidden", [96, 3000])
 @pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
 def test_norm_parameter_grads_are_bitwise_reproducible(op, hidden):
@@ -223,6 +231,7 @@ def test_norm_parameter_grads_are_bitwise_reproducible(op, hidden):
             assert torch.equal(a, b)
 
 
+@pytest.mark.gpu
 def test_norm_empty_rows():
     x = torch.randn(0, 64, device="cuda", requires_grad=True)
     weight = torch.randn(64, device="cuda", requires_grad=True)
@@ -234,6 +243,7 @@ def test_norm_empty_rows():
     assert torch.equal(bias.grad, torch.zeros_like(bias))
 
 
+@pytest.mark.gpu
 def test_norm_opcheck():
     x = torch.randn(9, 40, device="cuda")
     residual = torch.randn(9, 40, device="cuda")
@@ -247,6 +257,7 @@ def test_norm_opcheck():
     torch.library.opcheck(rms_norm_op.rms_norm_bwd, (torch.randn_like(y), None, s, weight, rstd, 1e-6, "cuda"))
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
 def test_norm_compile_fullgraph(op):
     inputs = _norm_inputs(11, 200, torch.float32, bias=op == "layer_norm")
@@ -306,6 +317,7 @@ def _check_ffn(inputs, activation, *, recompute=False, what=""):
 FFN_SHAPES = [(37, 45, 67, 29), (1, 8, 16, 8), (64, 128, 256, 128), (130, 96, 200, 96), (257, 256, 688, 256)]
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", FFN_SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -313,6 +325,7 @@ def test_ffn_matches_reference(shape, dtype, activation):
     _check_ffn(_ffn_inputs(*shape, dtype), activation, what=f"ffn {shape} {dtype} {activation}")
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", FFN_SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -320,6 +333,7 @@ def test_gated_ffn_matches_reference(shape, dtype, activation):
     _check_ffn(_ffn_inputs(*shape, dtype, gated=True), activation, what=f"gated_ffn {shape} {dtype} {activation}")
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("config", ["", "lt_epilogue=0", "lt=0", "vec=0", "lt_epilogue=0,vec=0"])
 @pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("biases", [True, False])
@@ -335,6 +349,7 @@ def test_ffn_paths(monkeypatch, shape, biases, recompute, config):
         _check_ffn(gated, activation, recompute=recompute, what=f"gated_ffn {config or 'default'} {activation}")
 
 
+@pytest.mark.gpu
 def test_ffn_strided_and_broadcast_inputs():
     """A transposed weight, a column-strided x, and a stride-0 gradient."""
     x = torch.randn(33, 96, device="cuda")[:, ::2].detach().requires_grad_()
@@ -354,6 +369,7 @@ def test_ffn_strided_and_broadcast_inputs():
         assert_within_naive_error(ours, nv, rf, factor=GRAD_FACTOR, what=f"strided ffn {name}")
 
 
+@pytest.mark.gpu
 def test_ffn_bias_grads_are_bitwise_reproducible():
     inputs = _ffn_inputs(300, 64, 192, 64, torch.bfloat16)
     first = _run_ffn(inputs, "cuda", "gelu")[1]
@@ -362,6 +378,7 @@ def test_ffn_bias_grads_are_bitwise_reproducible():
         assert torch.equal(a, b)
 
 
+@pytest.mark.gpu
 def test_ffn_empty_tokens():
     inputs = _ffn_inputs(0, 16, 32, 16, torch.float32)
     out, grads, _ = _run_ffn(inputs, "cuda", "relu")
@@ -375,6 +392,7 @@ def test_ffn_empty_tokens():
         assert torch.equal(g, torch.zeros_like(g))
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("save_hidden", [True, False])
 def test_ffn_opcheck(save_hidden):
     i = _ffn_inputs(13, 24, 40, 24, torch.float32)
@@ -390,6 +408,7 @@ def test_ffn_opcheck(save_hidden):
                                                        g["w_down"], gate, up, "silu", "cuda"))
 
 
+@pytest.mark.gpu
 def test_ffn_compile_fullgraph():
     i = _ffn_inputs(21, 32, 64, 32, torch.float32)
     leaves = [_leaf(i[n]) for n in ("x", "w1", "b1", "w2", "b2")]
@@ -448,6 +467,7 @@ SANITIZER_SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.gpu
 def test_compute_sanitizer_memcheck(tmp_path):
     """compute-sanitizer --tool memcheck over every kernel (PyTorch's caching allocator off, so
     that an access past a tensor's end leaves its own allocation)."""
@@ -463,3 +483,36 @@ def test_compute_sanitizer_memcheck(tmp_path):
     assert result.returncode == 0, log
     assert "sanitizer script finished" in result.stdout, log
     assert "ERROR SUMMARY: 0 errors" in result.stdout + result.stderr, log
+
+
+# ----------------------------------------------------------------------------- anywhere
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_cuda_backend_refused_with_a_reason_without_a_gpu():
+    """Without a GPU the cuda backend is unavailable, never an import error: asking for it
+    raises a ValueError that says why, and auto picks another backend."""
+    x = torch.randn(3, 8)
+    w, w_hidden, w_out = torch.randn(8), torch.randn(16, 8), torch.randn(8, 16)
+    calls = {
+        "layer_norm": lambda b: fastattn.layer_norm(x, w, w, backend=b),
+        "rms_norm": lambda b: fastattn.rms_norm(x, w, backend=b),
+        "ffn": lambda b: fastattn.ffn(x, w_hidden, None, w_out, None, backend=b),
+        "gated_ffn": lambda b: fastattn.gated_ffn(x, w_hidden, w_hidden, w_out, backend=b),
+    }
+    for op, call in calls.items():
+        with pytest.raises(ValueError, match=f"backend 'cuda' cannot serve this {op} call: .*CUDA"):
+            call("cuda")
+        assert call(None).shape == (3, 8)
+    assert "cuda" not in fastattn.available_backends()
+
+
+def test_cuda_limits_name_the_dtype():
+    norm_call = layer_norm_op.NormCall(torch.float64, 8, False)
+    for table in (layer_norm_op.BACKENDS, rms_norm_op.BACKENDS):
+        assert "float16, bfloat16 or float32" in table.limits("cuda", norm_call)
+        assert table.limits("cuda", layer_norm_op.NormCall(torch.bfloat16, 65536 + 5, True)) is None
+    ffn_call = ffn_op.FfnCall(torch.float64, 8, 16, "gelu")
+    for table in (ffn_op.BACKENDS, gated_ffn_op.BACKENDS):
+        assert "float16, bfloat16 or float32" in table.limits("cuda", ffn_call)
+        assert table.limits("cuda", ffn_op.FfnCall(torch.bfloat16, 8, 16, "silu")) is None
