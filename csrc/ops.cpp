@@ -394,23 +394,26 @@ void add_bias(const at::Tensor& d, const at::Tensor& bias, const GemmContext& ct
 
 // d (m, n) = op(a)·op(b) (+ bias) (+ d when accumulate); d is a fresh contiguous matrix, a and
 // b GEMM operands (gemm_operand). cuBLASLt with the bias epilogue where it serves, then
-// cuBLASLt and our bias kernel, then ATen.
-void gemm(at::Tensor d, const at::Tensor& a, bool trans_a, const at::Tensor& b, bool trans_b,
-          const std::optional<at::Tensor>& bias, bool accumulate, const GemmContext& ctx) {
-  if (d.numel() == 0) return;
+// cuBLASLt and our bias kernel (or, with defer_bias, the caller's fused elementwise pass),
+// then ATen. Returns true when the bias is left to the caller.
+bool gemm(at::Tensor d, const at::Tensor& a, bool trans_a, const at::Tensor& b, bool trans_b,
+          const std::optional<at::Tensor>& bias, bool accumulate, const GemmContext& ctx, bool defer_bias = false) {
+  if (d.numel() == 0) return false;
   if (ctx.options.use_lt) {
     GemmParams p = gemm_params(d, a, trans_a, b, trans_b, ctx);
     p.beta = accumulate ? 1.f : 0.f;
     if (bias.has_value() && ctx.options.lt_epilogues) {
       p.epilogue = GemmEpilogue::kBias;
       p.bias = bias->data_ptr();
-      if (gemm_lt(p, ctx.stream)) return;
+      if (gemm_lt(p, ctx.stream)) return false;
       p.epilogue = GemmEpilogue::kNone;
       p.bias = nullptr;
     }
     if (gemm_lt(p, ctx.stream)) {
-      if (bias.has_value()) add_bias(d, *bias, ctx);
-      return;
+      if (!bias.has_value()) return false;
+      if (defer_bias) return true;
+      add_bias(d, *bias, ctx);
+      return false;
     }
   }
   const at::Tensor op_a = trans_a ? a.t() : a;
@@ -422,6 +425,7 @@ void gemm(at::Tensor d, const at::Tensor& a, bool trans_a, const at::Tensor& b, 
   } else {
     at::mm_out(d, op_a, op_b);
   }
+  return false;
 }
 
 // Same dtype as x, on x's device; the names and shapes are checked by the callers.
@@ -459,8 +463,9 @@ std::optional<at::Tensor> dense_optional(const std::optional<at::Tensor>& t) {
   return dense_vector(*t);
 }
 
-// hidden_pre = x·W1ᵀ + b1 into `hidden`, and act(hidden_pre) into `activated` (through
-// cuBLASLt's GELU epilogue for gelu_tanh where it serves, else our elementwise kernel).
+// hidden_pre = x·W1ᵀ + b1 into `hidden`, and act(hidden_pre) into `activated`: through
+// cuBLASLt's GELU epilogue for gelu_tanh where it serves, else the GEMM (with its bias
+// epilogue) and our elementwise kernel, which adds b1 itself when the GEMM could not.
 void ffn_first_layer(const at::Tensor& hidden, const at::Tensor& activated, const at::Tensor& x,
                      const at::Tensor& w1, const std::optional<at::Tensor>& b1, Activation activation,
                      const GemmContext& ctx) {
@@ -472,9 +477,11 @@ void ffn_first_layer(const at::Tensor& hidden, const at::Tensor& activated, cons
     p.ld_aux = hidden.stride(0);
     if (gemm_lt(p, ctx.stream)) return;
   }
-  gemm(hidden, x, false, w1, true, b1, false, ctx);
+  const bool bias_pending = gemm(hidden, x, false, w1, true, b1, false, ctx, /*defer_bias=*/true);
   ActFwdParams p;
   p.hidden = hidden.data_ptr();
+  p.bias = bias_pending ? b1->data_ptr() : nullptr;
+  p.store_hidden = bias_pending;
   p.out = activated.data_ptr();
   p.rows = hidden.size(0);
   p.cols = hidden.size(1);
