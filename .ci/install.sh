@@ -9,7 +9,7 @@ if [ "${FASTATTN_KEEP_TORCH:-0}" != "1" ]; then
   $PIP "torch==2.13.0"
 fi
 # numpy<2.4: the Triton interpreter (CPU tests) breaks on numpy 2.4.
-$PIP "triton==3.6.0" "numpy<2.4" setuptools wheel ninja pytest pytest-benchmark matplotlib tqdm
+$PIP "triton==3.6.0" "numpy<2.4" setuptools wheel ninja pytest pytest-benchmark matplotlib tqdm transformers
 # --no-build-isolation: setup.py must see the installed torch to decide on the CUDA build.
 $PIP --no-build-isolation -e .
 python -c "import fastattn; print('fastattn', fastattn.__version__, 'backends:', fastattn.available_backends())"

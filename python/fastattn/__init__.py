@@ -4,7 +4,9 @@ feed-forward block, registered as torch ops (autograd, fake tensors, torch.compi
 Importing fastattn does no work: Triton kernels and the CUDA extension load on first use.
 """
 
+from . import integrations, models, nn
 from .backends import available_backends, get_backend, set_backend, use_backend
+from .integrations import patch_sdpa
 from .ops.attention import attention, scaled_dot_product_attention
 from .ops.decode_attention import decode_attention
 from .ops.ffn import ffn
@@ -22,7 +24,11 @@ __all__ = [
     "ffn",
     "gated_ffn",
     "get_backend",
+    "integrations",
     "layer_norm",
+    "models",
+    "nn",
+    "patch_sdpa",
     "rms_norm",
     "scaled_dot_product_attention",
     "set_backend",

@@ -354,8 +354,16 @@ def residual_dtype(x: Tensor, residual: Optional[Tensor], residual_in_fp32: bool
 
 
 def _add_residual(x: Tensor, residual: Optional[Tensor], residual_in_fp32: bool) -> Tensor:
+    """s = x + residual in residual_dtype. Without a residual s is x itself: the
+    normalization then runs in x's dtype, and only the prenorm output is cast."""
+    if residual is None:
+        return x
     dtype = residual_dtype(x, residual, residual_in_fp32)
-    return x.to(dtype) if residual is None else x.to(dtype) + residual.to(dtype)
+    return x.to(dtype) + residual.to(dtype)
+
+
+def _prenorm_output(x: Tensor, residual: Optional[Tensor], summed: Tensor, residual_in_fp32: bool) -> Tensor:
+    return summed if residual is not None else x.to(residual_dtype(x, None, residual_in_fp32))
 
 
 def layer_norm(
@@ -386,7 +394,7 @@ def layer_norm(
         y = y + bias.to(y.dtype)
     result = (y.to(x.dtype),)
     if prenorm:
-        result += (summed,)
+        result += (_prenorm_output(x, residual, summed, residual_in_fp32),)
     if return_stats:
         result += (mean.reshape(-1).float(), rstd.reshape(-1).float())
     return result[0] if len(result) == 1 else result
@@ -414,7 +422,7 @@ def rms_norm(
         y = y * weight.to(y.dtype)
     result = (y.to(x.dtype),)
     if prenorm:
-        result += (summed,)
+        result += (_prenorm_output(x, residual, summed, residual_in_fp32),)
     if return_stats:
         result += (rstd.reshape(-1).float(),)
     return result[0] if len(result) == 1 else result

@@ -8,7 +8,8 @@ A call fastattn cannot serve (a nested tensor, a device other than CPU/CUDA, an
 argument it does not know, or a ValueError/TypeError from its checks or backend
 resolution: e.g. a named backend that does not support the head_dim) goes to the
 original PyTorch function unchanged, so the patch never makes a working call fail.
-Calls made by fastattn itself (its torch backend) always reach PyTorch's function.
+fastattn's own torch backend reaches PyTorch's function, bound at import
+(fastattn.ops.attention.TORCH_SDPA).
 The patch replaces the attribute of torch.nn.functional for the whole process (all
 threads) while the context is open; code that imported the function by name before
 (`from torch.nn.functional import scaled_dot_product_attention`) keeps PyTorch's.
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import sys
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -39,25 +39,12 @@ def _servable(tensors) -> bool:
     return True
 
 
-def _called_by_fastattn() -> bool:
-    """True when fastattn's own code (the torch backend, forward or its recompute in the
-    backward) calls F.scaled_dot_product_attention: it must get PyTorch's, not itself.
-    (torch.compile never traces into fastattn's op implementations, so while compiling
-    the caller is user code.)"""
-    if torch.compiler.is_compiling():
-        return False
-    caller = sys._getframe(2).f_globals.get("__name__", "")
-    return caller == "fastattn" or caller.startswith("fastattn.")
-
-
 def make_sdpa(original: Callable, backend: Optional[str] = None) -> Callable:
     """A drop-in for `original` (F.scaled_dot_product_attention) that runs fastattn
     where it can and `original` elsewhere. backend None = fastattn's current default."""
 
     @functools.wraps(original)
     def sdpa(query, key, value, *args, **kwargs):
-        if _called_by_fastattn():
-            return original(query, key, value, *args, **kwargs)
         names = ("attn_mask", "dropout_p", "is_causal", "scale")
         call = dict(zip(names, args), **kwargs)
         if len(args) > len(names) or set(call) - _KNOWN or not _servable((query, key, value)):

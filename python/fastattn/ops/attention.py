@@ -36,6 +36,11 @@ from ._common import (
 
 @dataclass(frozen=True)
 class AttentionCall:
+# PyTorch's own SDPA, bound at import: fastattn.patch_sdpa() replaces the attribute of
+# torch.nn.functional, and the torch backend must still reach PyTorch's function.
+TORCH_SDPA = F.scaled_dot_product_attention
+
+
     """What a backend needs to know to say whether it can serve a call."""
 
     dtype: torch.dtype
@@ -96,11 +101,11 @@ def _torch_forward(q, k, v, attn_bias, alibi_slopes, rng_seed, scale, window_lef
                    top_left, softcap, dropout_p):
     """F.scaled_dot_product_attention with our masks; `limits` refuses dropout, softcap, lse."""
     mask, is_causal = sdpa_mask(q, k, attn_bias, alibi_slopes, window_left, window_right, top_left)
-    out = F.scaled_dot_product_attention(
+    out = TORCH_SDPA(
         q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
     )
     if mask is not None:
-            # A fully masked row: SDPA's fused kernels may give NaN where we promise 0.
+        # A fully masked row: SDPA's fused kernels may give NaN where we promise 0.
         out = torch.nan_to_num(out, nan=0.0)
     # SDPA does not return the logsumexp: the torch backend refuses return_lse, and
     # its backward (the reference formulas) does not read this.

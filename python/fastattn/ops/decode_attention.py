@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _validate as check
@@ -77,7 +76,7 @@ def _torch_forward(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes
         mask = (-slopes[:, :, None, None].to(q.dtype) * distance[:, None]).masked_fill(
             ~visible[:, None], float("-inf")
         )  # (b, h, q_len, L)
-    out = F.scaled_dot_product_attention(
+    out = dense.TORCH_SDPA(
         q, k_cache, v_cache, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k_cache.shape[1]
     )
     out = torch.nan_to_num(out, nan=0.0)
