@@ -15,12 +15,15 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
+#include <limits>
 #include <optional>
 #include <string>
 #include <tuple>
 #include <utility>
 
+#include "attention/api.h"
 #include "ffn/ffn.cuh"
 #include "ffn/ffn_traits.cuh"
 #include "layer_norm/layer_norm.cuh"
@@ -751,8 +754,221 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_ffn_bwd(
 }  // namespace
 }  // namespace fastattn
 
+// ----------------------------------------------------------------------------- attention
+// Bindings of csrc/attention (FlashAttention-2 on sm80+, the Hopper forward on sm90). The
+// Python cuda backend (ops/attention.py) refuses what the kernels do not implement (bias,
+// ALiBi, softcap, dropout, other head dims); the checks here guard the kernels' contract.
+
+namespace fastattn {
+namespace {
+
+namespace attn = fastattn::attention;
+
+// seqlen bound of the kernels' 32-bit index arithmetic (i + offset ± window stays in range).
+constexpr int64_t kMaxAttentionSeqlen = int64_t(1) << 29;
+// batch and heads are grid dimensions y and z.
+constexpr int64_t kMaxAttentionGridDim = 65535;
+
+// The kernels read and write rows with 16-byte vector accesses: head_dim contiguous, every
+// other stride a multiple of 8 elements (0 included) and a 16-byte aligned base; else a copy.
+at::Tensor attention_operand(const at::Tensor& t) {
+  bool ok = t.stride(-1) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) ok = ok && t.stride(d) % 8 == 0;
+  return ok ? t : t.contiguous();
+}
+
+// (batch, heads, seqlen) fp32 statistics with a unit seqlen stride.
+at::Tensor attention_rows(const at::Tensor& t) { return t.stride(2) == 1 ? t : t.contiguous(); }
+
+void check_attention_tensor(const at::Tensor& t, const at::Tensor& q, const char* op, const char* name,
+                            const char* layout) {
+  TORCH_CHECK_VALUE(t.dim() == 4, op, ": ", name, " must be 4-D ", layout, ", got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
+  TORCH_CHECK_VALUE(t.device() == q.device(), op, ": ", name, " is on ", t.device(), " but q is on ", q.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), op, ": ", name, " must have q's dtype ", q.scalar_type(),
+                   ", got ", t.scalar_type());
+}
+
+// Checks q (batch, heads, seqlen_q, head_dim), k and v (batch, kv_heads, seqlen_k, head_dim)
+// and fills the shape, masking and dtype fields of p.
+void check_attention_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                         int64_t window_left, int64_t window_right, bool top_left, const char* op,
+                         attn::FwdParams& p) {
+  check_attention_tensor(q, q, op, "q", "(batch, heads, seqlen_q, head_dim)");
+  TORCH_CHECK_TYPE(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
+                   ": q must be float16 or bfloat16, got ", q.scalar_type());
+  check_attention_tensor(k, q, op, "k", "(batch, kv_heads, seqlen_k, head_dim)");
+  check_attention_tensor(v, q, op, "v", "(batch, kv_heads, seqlen_k, head_dim)");
+  const int64_t batch = q.size(0), heads = q.size(1), seqlen_q = q.size(2), head_dim = q.size(3);
+  const int64_t kv_heads = k.size(1), seqlen_k = k.size(2);
+  TORCH_CHECK_VALUE(k.size(0) == batch && v.size(0) == batch, op, ": k and v must have q's batch ", batch,
+                    ", got k ", k.sizes(), " and v ", v.sizes());
+  TORCH_CHECK_VALUE(k.size(3) == head_dim && v.size(3) == head_dim, op, ": k and v must have q's head_dim ",
+                    head_dim, ", got k ", k.sizes(), " and v ", v.sizes());
+  TORCH_CHECK_VALUE(v.size(1) == kv_heads && v.size(2) == seqlen_k, op,
+                    ": v must have k's kv_heads and seqlen_k, got k ", k.sizes(), " and v ", v.sizes());
+  TORCH_CHECK_VALUE(kv_heads > 0 && heads % kv_heads == 0, op, ": heads of q (", heads,
+                    ") must be a multiple of kv_heads of k and v (", kv_heads, ")");
+  int head_dims[16];
+  const int n_head_dims = attn::compiled_head_dims(head_dims, 16);
+  TORCH_CHECK_VALUE(std::find(head_dims, head_dims + n_head_dims, head_dim) != head_dims + n_head_dims, op,
+                    ": no kernel for head_dim ", head_dim, " (q.shape[3]); built for ",
+                    c10::IntArrayRef(std::vector<int64_t>(head_dims, head_dims + n_head_dims)));
+  TORCH_CHECK_VALUE(seqlen_q < kMaxAttentionSeqlen && seqlen_k < kMaxAttentionSeqlen, op,
+                    ": seqlen_q (", seqlen_q, ") and seqlen_k (", seqlen_k, ") must be < ", kMaxAttentionSeqlen);
+  TORCH_CHECK_VALUE(batch <= kMaxAttentionGridDim && heads <= kMaxAttentionGridDim, op, ": batch (", batch,
+                    ") and heads (", heads, ") must be <= ", kMaxAttentionGridDim);
+  TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, op,
+                    ": window_left and window_right must be >= -1 (-1 = unbounded), got ", window_left, " and ",
+                    window_right);
+  TORCH_CHECK_VALUE(scale > 0, op, ": scale must be > 0, got ", scale);
+  p.batch = static_cast<int>(batch);
+  p.heads = static_cast<int>(heads);
+  p.kv_heads = static_cast<int>(kv_heads);
+  p.seqlen_q = static_cast<int>(seqlen_q);
+  p.seqlen_k = static_cast<int>(seqlen_k);
+  p.head_dim = static_cast<int>(head_dim);
+  p.heads_per_kv_head = static_cast<int>(heads / kv_heads);
+  p.dtype = q.scalar_type() == at::kBFloat16 ? attn::DType::kBFloat16 : attn::DType::kFloat16;
+  p.scale = static_cast<float>(scale);
+  // A window wider than both sequences constrains nothing; clamping keeps it in int range.
+  const int64_t widest = seqlen_q + seqlen_k;
+  p.window_left = static_cast<int>(std::min(window_left, widest));
+  p.window_right = static_cast<int>(std::min(window_right, widest));
+  attn::finalize_masking(p, top_left);
+}
+
+// (out (batch, heads, seqlen_q, head_dim), lse (batch, heads, seqlen_q) fp32) of softmax(scale·q·kᵀ
+// masked)·v; key j is visible from query i iff i + off - window_left <= j <= i + off + window_right
+// (-1 = unbounded), off = seqlen_k - seqlen_q, or 0 when top_left. A row that sees no key gives 0
+// and lse -inf.
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                 const at::Tensor& v_in, double scale, int64_t window_left,
+                                                 int64_t window_right, bool top_left) {
+  constexpr const char* op = "fastattn_cuda::attention_fwd";
+  attn::FwdParams p{};
+  check_attention_qkv(q_in, k_in, v_in, scale, window_left, window_right, top_left, op, p);
+  at::Tensor out = at::empty(q_in.sizes(), q_in.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor lse = at::empty({q_in.size(0), q_in.size(1), q_in.size(2)}, q_in.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+  if (p.seqlen_k == 0) {
+    out.zero_();
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    return {out, lse};
+  }
+
+  const c10::DeviceGuard guard(q_in.device());
+  const at::Tensor q = attention_operand(q_in);
+  const at::Tensor k = attention_operand(k_in);
+  const at::Tensor v = attention_operand(v_in);
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.q_batch_stride = q.stride(0), p.q_head_stride = q.stride(1), p.q_row_stride = q.stride(2);
+  p.k_batch_stride = k.stride(0), p.k_head_stride = k.stride(1), p.k_row_stride = k.stride(2);
+  p.v_batch_stride = v.stride(0), p.v_head_stride = v.stride(1), p.v_row_stride = v.stride(2);
+  p.out_batch_stride = out.stride(0), p.out_head_stride = out.stride(1), p.out_row_stride = out.stride(2);
+  p.lse_batch_stride = lse.stride(0), p.lse_head_stride = lse.stride(1);
+  const char* err = attn::forward(p, cuda_stream_of(q));
+  TORCH_CHECK(err == nullptr, op, ": ", err);
+  return {out, lse};
+}
+
+// Gradients (dq, dk, dv) of attention_fwd given dout (batch, heads, seqlen_q, head_dim) and
+// dlse (batch, heads, seqlen_q) fp32 or None; dk and dv are summed over each GQA group.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+    const at::Tensor& dout_in, const std::optional<at::Tensor>& dlse_in, const at::Tensor& q_in,
+    const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
+    double scale, int64_t window_left, int64_t window_right, bool top_left) {
+  constexpr const char* op = "fastattn_cuda::attention_bwd";
+  attn::BwdParams p{};
+  check_attention_qkv(q_in, k_in, v_in, scale, window_left, window_right, top_left, op, p);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"dout", &dout_in},
+                                std::pair<const char*, const at::Tensor*>{"out", &out_in}}) {
+    check_attention_tensor(*t, q_in, op, name, "(batch, heads, seqlen_q, head_dim)");
+    TORCH_CHECK_VALUE(t->sizes() == q_in.sizes(), op, ": ", name, " must have q's shape ", q_in.sizes(),
+                      " (batch, heads, seqlen_q, head_dim), got ", t->sizes());
+  }
+  const std::vector<int64_t> rows_shape{q_in.size(0), q_in.size(1), q_in.size(2)};
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"lse", &lse_in},
+                                std::pair<const char*, const at::Tensor*>{"dlse", dlse_in ? &*dlse_in : nullptr}}) {
+    if (t == nullptr) continue;
+    TORCH_CHECK_VALUE(t->sizes() == c10::IntArrayRef(rows_shape), op, ": ", name,
+                      " must have shape (batch, heads, seqlen_q) = ", c10::IntArrayRef(rows_shape), ", got ",
+                      t->sizes());
+    TORCH_CHECK_VALUE(t->device() == q_in.device(), op, ": ", name, " is on ", t->device(), " but q is on ",
+                      q_in.device());
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t->scalar_type());
+  }
+  const auto contiguous = q_in.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor dq = at::empty(q_in.sizes(), contiguous);
+  at::Tensor dk = at::empty(k_in.sizes(), contiguous);
+  at::Tensor dv = at::empty(v_in.sizes(), contiguous);
+  if (p.batch == 0 || p.heads == 0 || p.seqlen_q == 0 || p.seqlen_k == 0) {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv};
+  }
+
+  const c10::DeviceGuard guard(q_in.device());
+  const at::Tensor q = attention_operand(q_in);
+  const at::Tensor k = attention_operand(k_in);
+  const at::Tensor v = attention_operand(v_in);
+  const at::Tensor out = attention_operand(out_in);
+  const at::Tensor dout = attention_operand(dout_in);
+  const at::Tensor lse = attention_rows(lse_in);
+  std::optional<at::Tensor> dlse;
+  if (dlse_in.has_value()) dlse = attention_rows(*dlse_in);
+  at::Tensor delta = at::empty(rows_shape, q_in.options().dtype(at::kFloat));
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.q_batch_stride = q.stride(0), p.q_head_stride = q.stride(1), p.q_row_stride = q.stride(2);
+  p.k_batch_stride = k.stride(0), p.k_head_stride = k.stride(1), p.k_row_stride = k.stride(2);
+  p.v_batch_stride = v.stride(0), p.v_head_stride = v.stride(1), p.v_row_stride = v.stride(2);
+  p.out_batch_stride = out.stride(0), p.out_head_stride = out.stride(1), p.out_row_stride = out.stride(2);
+  p.lse_batch_stride = lse.stride(0), p.lse_head_stride = lse.stride(1);
+  p.dout = dout.data_ptr();
+  p.dout_batch_stride = dout.stride(0), p.dout_head_stride = dout.stride(1), p.dout_row_stride = dout.stride(2);
+  p.dlse = dlse.has_value() ? dlse->data_ptr<float>() : nullptr;
+  p.dlse_batch_stride = dlse.has_value() ? dlse->stride(0) : 0;
+  p.dlse_head_stride = dlse.has_value() ? dlse->stride(1) : 0;
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.dq_batch_stride = dq.stride(0), p.dq_head_stride = dq.stride(1), p.dq_row_stride = dq.stride(2);
+  p.dk_batch_stride = dk.stride(0), p.dk_head_stride = dk.stride(1), p.dk_row_stride = dk.stride(2);
+  p.dv_batch_stride = dv.stride(0), p.dv_head_stride = dv.stride(1), p.dv_row_stride = dv.stride(2);
+  p.delta = delta.data_ptr<float>();
+  p.delta_batch_stride = delta.stride(0), p.delta_head_stride = delta.stride(1);
+  const char* err = attn::backward(p, cuda_stream_of(q));
+  TORCH_CHECK(err == nullptr, op, ": ", err);
+  return {dq, dk, dv};
+}
+
+std::vector<int64_t> attention_head_dims() {
+  int head_dims[16];
+  const int n = attn::compiled_head_dims(head_dims, 16);
+  return std::vector<int64_t>(head_dims, head_dims + n);
+}
+
+}  // namespace
+}  // namespace fastattn
+
 TORCH_LIBRARY(fastattn_cuda, m) {
   m.def("build_info() -> str", &fastattn::build_info);
+  m.def(
+      "attention_fwd(Tensor q, Tensor k, Tensor v, float scale, int window_left, int window_right, bool top_left) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "attention_bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, "
+      "int window_left, int window_right, bool top_left) -> (Tensor, Tensor, Tensor)");
+  m.def("attention_head_dims() -> int[]", &fastattn::attention_head_dims);
   m.def(
       "layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, float eps, bool is_rms_norm) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
@@ -774,6 +990,8 @@ TORCH_LIBRARY(fastattn_cuda, m) {
 }
 
 TORCH_LIBRARY_IMPL(fastattn_cuda, CUDA, m) {
+  m.impl("attention_fwd", &fastattn::attention_fwd);
+  m.impl("attention_bwd", &fastattn::attention_bwd);
   m.impl("layer_norm_fwd", &fastattn::norm_fwd);
   m.impl("layer_norm_bwd", &fastattn::norm_bwd);
   m.impl("ffn_fwd", &fastattn::ffn_fwd);

@@ -1,11 +1,17 @@
 // Host entry points of the attention kernels: pick the instantiation for the current
 // device's arch and the call's (head_dim, dtype, causal), check the shared-memory
 // budget, launch.
+//
+// The forward runs the Hopper kernel on sm90 and the sm80 kernel elsewhere (and on sm90
+// where TMA cannot describe the tensors); FASTATTN_ATTENTION_CUDA_KERNEL=sm80 pins the
+// sm80 forward on sm90 too (tests and benchmarks compare the two).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "attention/api.h"
@@ -53,8 +59,20 @@ const char* check_shared_memory(const Device& device, int bytes, const char* ker
               std::to_string(device.smem_per_block));
 }
 
+bool sm80_forward_pinned() {
+  const char* kernel = std::getenv("FASTATTN_ATTENTION_CUDA_KERNEL");
+  return kernel != nullptr && std::strcmp(kernel, "sm80") == 0;
+}
+
 template <int kHeadDim, typename Element>
 const char* forward_for(const FwdParams& p, cudaStream_t stream, const Device& device) {
+  if (device.arch == 90 && !sm80_forward_pinned()) {
+    using Sm90 = FwdTraitsSm90<kHeadDim, Element>;
+    if (const char* err = check_shared_memory(device, Sm90::kSmemBytes, "Hopper forward", kHeadDim)) return err;
+    const cudaError_t err = p.is_causal ? run_fwd_sm90<kHeadDim, Element, true>(p, stream)
+                                        : run_fwd_sm90<kHeadDim, Element, false>(p, stream);
+    if (err != cudaErrorNotSupported) return from_cuda(err, "attention forward (sm90 kernel)");
+  }
   using Traits = FwdTraitsSm80<kHeadDim, Element>;
   if (const char* err = check_shared_memory(device, Traits::kSmemBytes, "forward", kHeadDim)) return err;
   return from_cuda(p.is_causal ? run_fwd_sm80<kHeadDim, Element, true>(p, stream)

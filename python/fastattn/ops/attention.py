@@ -14,6 +14,7 @@ attention()) or 0 (top-left, scaled_dot_product_attention()); causal = window_ri
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import _extension
 from .. import _validate as check
 from .. import reference
 from ..backends import triton_interpreter_on
@@ -34,13 +36,13 @@ from ._common import (
 )
 
 
-@dataclass(frozen=True)
-class AttentionCall:
 # PyTorch's own SDPA, bound at import: fastattn.patch_sdpa() replaces the attribute of
 # torch.nn.functional, and the torch backend must still reach PyTorch's function.
 TORCH_SDPA = F.scaled_dot_product_attention
 
 
+@dataclass(frozen=True)
+class AttentionCall:
     """What a backend needs to know to say whether it can serve a call."""
 
     dtype: torch.dtype
@@ -50,6 +52,7 @@ TORCH_SDPA = F.scaled_dot_product_attention
     softcap: float
     dropout_p: float
     return_lse: bool
+    has_alibi: bool = False
 
 
 # ----------------------------------------------------------------------------- backends
@@ -126,6 +129,8 @@ def limits(backend: str, call: AttentionCall) -> Optional[str]:
         if max(call.head_dim, call.head_dim_v) > TRITON_MAX_HEAD_DIM:
             return (f"the Triton kernels take head_dim up to {TRITON_MAX_HEAD_DIM}, got head_dim "
                     f"{call.head_dim} (q, k) and {call.head_dim_v} (v)")
+    if backend == "cuda":
+        return _cuda_limits(call)
     if backend == "torch":
         if call.softcap > 0:
             return "F.scaled_dot_product_attention has no softcap"
@@ -161,10 +166,56 @@ def _triton_backward(*args):
     return kernels.attention_backward(*args)
 
 
+CUDA_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_head_dims() -> tuple[int, ...]:
+    """The head dims fastattn._C's attention kernels are built for; () without it."""
+    if _extension.unavailable_reason() is not None:
+        return ()
+    return tuple(torch.ops.fastattn_cuda.attention_head_dims())
+
+
+def _cuda_limits(call: AttentionCall) -> Optional[str]:
+    if call.dtype not in CUDA_DTYPES:
+        return f"the CUDA kernels take float16 or bfloat16, got {check.dtype_name(call.dtype)}"
+    head_dims = cuda_head_dims()
+    if call.head_dim not in head_dims or call.head_dim_v != call.head_dim:
+        return (f"the CUDA kernels take head_dim in {head_dims} for q, k and v alike, got "
+                f"{call.head_dim} (q, k) and {call.head_dim_v} (v)")
+    if call.has_bias:
+        return "the CUDA kernels take no attn_bias"
+    if call.has_alibi:
+        return "the CUDA kernels take no alibi_slopes"
+    if call.softcap > 0:
+        return "the CUDA kernels have no softcap"
+    if call.dropout_p > 0:
+        return "the CUDA kernels have no dropout"
+    return None
+
+
+def _cuda_forward(q, k, v, attn_bias, alibi_slopes, rng_seed, scale, window_left, window_right,
+                  top_left, softcap, dropout_p):
+    """csrc/attention's forward; `limits` refuses bias, ALiBi, softcap and dropout."""
+    _extension.extension()  # loads the fastattn_cuda ops
+    return torch.ops.fastattn_cuda.attention_fwd(q, k, v, scale, window_left, window_right, top_left)
+
+
+def _cuda_backward(dout, dlse, q, k, v, out, lse, attn_bias, alibi_slopes, rng_seed, scale,
+                   window_left, window_right, top_left, softcap, dropout_p, bias_needs_grad):
+    _extension.extension()
+    dq, dk, dv = torch.ops.fastattn_cuda.attention_bwd(dout, dlse, q, k, v, out, lse, scale,
+                                                       window_left, window_right, top_left)
+    return dq, dk, dv, empty_placeholder(q)
+
+
 BACKENDS = BackendTable(
     "attention",
-    forward={"naive": _naive_forward, "torch": _torch_forward, "triton": _triton_forward},
-    backward={"naive": _reference_backward, "torch": _reference_backward, "triton": _triton_backward},
+    forward={"naive": _naive_forward, "torch": _torch_forward, "triton": _triton_forward,
+             "cuda": _cuda_forward},
+    backward={"naive": _reference_backward, "torch": _reference_backward, "triton": _triton_backward,
+              "cuda": _cuda_backward},
     limits=limits,
 )
 
@@ -340,7 +391,7 @@ def _run(q, k, v, bias, slopes, scale, window_left, window_right, top_left, soft
          return_lse, backend):
     """Resolve the backend, draw the dropout seed and call the registered op."""
     call = AttentionCall(q.dtype, q.shape[-1], v.shape[-1], bias is not None, softcap, dropout_p,
-                         return_lse)
+                         return_lse, has_alibi=slopes is not None)
     name = BACKENDS.resolve(backend, q.device, call)
     rng_seed = draw_rng_seed() if dropout_p > 0 else None
     out, lse = attention_fwd(q, k, v, bias, slopes, rng_seed, scale, window_left, window_right,

@@ -1,0 +1,378 @@
+"""The CUDA attention kernels (csrc/attention): FlashAttention-2 on sm80+, the Hopper
+forward on sm90.
+
+On a machine without a GPU (CI) the sm80 kernel bodies run on the host emulator of the
+warp-level instructions (csrc/attention/emulation.cuh, driven by
+tests/cuda_emulation/attention_emulation.cpp): output, lse and the three gradients
+against the float64 reference with FlashAttention's rule (helpers.py), over odd
+lengths, both causal alignments, sliding windows, GQA, strided layouts, both copy
+timings of cp.async and both warp orders. The `gpu` tests run backend="cuda" through
+fastattn.attention with the Triton tests' checks (test_attention.check_attention), plus
+strides, determinism, opcheck, torch.compile, compute-sanitizer (memcheck, racecheck)
+and the SASS of the Hopper kernel (HGMMA).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import fastattn
+from fastattn import reference
+from fastattn.ops import attention as attention_op
+from helpers import GRAD_FACTOR, assert_within_naive_error
+from test_attention import _finite, _inputs, check_attention
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CSRC = ROOT / "csrc"
+HARNESS = ROOT / "tests" / "cuda_emulation" / "attention_emulation.cpp"
+
+
+# ----------------------------------------------------------------------------- on CPU: the emulator
+
+
+def _cuda_include_dir():
+    """A directory holding cuda_fp16.h (the CUDA toolkit's include dir), or None."""
+    candidates = [pathlib.Path(os.environ[name]) / "include" for name in ("CUDA_HOME", "CUDA_PATH")
+                  if os.environ.get(name)]
+    nvcc = shutil.which("nvcc")
+    if nvcc is not None:
+        toolkit = pathlib.Path(nvcc).resolve().parent.parent
+        candidates += [toolkit / "include", toolkit / "targets" / "x86_64-linux" / "include"]
+        try:  # nvcc may be a wrapper script: its dry run names the real include dir
+            dry_run = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                                     capture_output=True, text=True, timeout=120)
+            candidates += [pathlib.Path(m) for m in re.findall(r'-I"?([^"\s]+)', dry_run.stdout + dry_run.stderr)]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    candidates += [pathlib.Path("/usr/local/cuda/include"), *pathlib.Path("/usr/local").glob("cuda-*/targets/*/include")]
+    return next((c for c in candidates if (c / "cuda_fp16.h").is_file()), None)
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    """The host build of the emulation harness (g++, the CUDA toolkit's headers only)."""
+    compiler = shutil.which("g++")
+    include = _cuda_include_dir()
+    if compiler is None or include is None:
+        pytest.skip("needs g++ and the CUDA toolkit's headers (cuda_fp16.h) to build the emulator")
+    binary = tmp_path_factory.mktemp("cuda_emulation") / "attention_emulation"
+    command = [compiler, "-std=c++20", "-O1", "-fno-strict-aliasing", "-Wall", "-Wno-unknown-pragmas",
+               f"-I{CSRC}", f"-I{include}", str(HARNESS), "-o", str(binary)]
+    build = subprocess.run(command, capture_output=True, text=True)
+    assert build.returncode == 0, f"building the emulator failed:\n{' '.join(command)}\n{build.stderr[-4000:]}"
+    return binary
+
+
+def _write(path, t):
+    t.contiguous().view(torch.int16 if t.element_size() == 2 else torch.int32).numpy().tofile(path)
+
+
+def _read(path, shape, dtype):
+    raw = np.fromfile(path, dtype=np.int16 if dtype in (torch.float16, torch.bfloat16) else np.float32)
+    return torch.from_numpy(raw).view(dtype).reshape(shape)
+
+
+def run_emulated(binary, workdir, *, batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, dtype,
+                 causal=False, window=(-1, -1), top_left=False, with_dlse=True, copy_mode="deferred",
+                 reverse_warps=False, strided=False):
+    """Forward and backward of the sm80 kernels on the emulator, checked like every backend:
+    out, lse, dq, dk, dv against float64 within the naive same-precision error rule."""
+    window = (window[0], 0 if causal else window[1])
+    scale = 1.0 / math.sqrt(head_dim)
+    q, k, v = (t.to(dtype) for t in _inputs(batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim))
+    dout = torch.randn(batch, heads, seqlen_q, head_dim).to(dtype)
+    dlse = torch.randn(batch, heads, seqlen_q) if with_dlse else None
+    for name, t in (("q", q), ("k", k), ("v", v), ("dout", dout)):
+        _write(workdir / f"{name}.bin", t)
+    if dlse is not None:
+        _write(workdir / "dlse.bin", dlse)
+    fields = (batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, int(dtype == torch.bfloat16), repr(scale),
+              window[0], window[1], int(top_left), int(with_dlse), int(copy_mode == "deferred"),
+              int(reverse_warps), int(strided))
+    (workdir / "case.txt").write_text(" ".join(map(str, fields)) + "\n")
+    result = subprocess.run([str(binary), str(workdir)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"emulated kernels failed ({result.returncode}): {result.stderr[-2000:]}"
+
+    q_shape, k_shape = (batch, heads, seqlen_q, head_dim), (batch, kv_heads, seqlen_k, head_dim)
+    out = _read(workdir / "out.bin", q_shape, dtype)
+    lse = _read(workdir / "lse.bin", q_shape[:3], torch.float32)
+    grads = [_read(workdir / f"{n}.bin", s, dtype) for n, s in (("dq", q_shape), ("dk", k_shape), ("dv", k_shape))]
+
+    options = dict(scale=scale, window_size=window, top_left=top_left)
+
+    def oracle(precision):
+        q_, k_, v_, dout_ = (t.to(precision) for t in (q, k, v, dout))
+        out_, lse_ = reference.attention(q_, k_, v_, return_lse=True, **options)
+        dlse_ = None if dlse is None else dlse.to(precision)
+        return out_, lse_, reference.attention_backward(dout_, q_, k_, v_, dlse=dlse_, **options)[:3]
+
+    ref_out, ref_lse, ref_grads = oracle(torch.float64)
+    naive_out, naive_lse, naive_grads = oracle(dtype)
+    assert_within_naive_error(out, naive_out, ref_out, what="out")
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse)), "lse: -inf rows differ"
+    assert_within_naive_error(_finite(lse), _finite(naive_lse.float()), _finite(ref_lse), atol=1e-5, what="lse")
+    for name, ours, naive, ref in zip(("dq", "dk", "dv"), grads, naive_grads, ref_grads):
+        assert torch.isfinite(ours).all(), f"{name} is not finite"
+        assert_within_naive_error(ours, naive, ref, factor=GRAD_FACTOR, what=name)
+
+
+# (batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, dtype, options): each case crosses
+# several tile boundaries of traits.cuh (forward 128 x 64, dQ 64 x 64, dK/dV 64 x 128).
+EMULATED_CASES = {
+    "fp16-d64-causal-sq<sk-gqa": (1, 2, 1, 70, 133, 64, torch.float16, dict(causal=True)),
+    "bf16-d64-causal-sq>sk-eager-reversed": (
+        1, 2, 2, 133, 70, 64, torch.bfloat16, dict(causal=True, copy_mode="eager", reverse_warps=True)),
+    "fp16-d128-full-strided": (1, 2, 1, 65, 129, 128, torch.float16, dict(strided=True)),
+    "bf16-d128-window-top-left": (1, 1, 1, 37, 45, 128, torch.bfloat16, dict(window=(5, 3), top_left=True)),
+    "fp16-d64-window-left-strided-eager": (
+        1, 3, 1, 150, 150, 64, torch.float16, dict(window=(6, -1), strided=True, copy_mode="eager")),
+    "fp16-d64-one-by-one-no-dlse": (2, 2, 2, 1, 1, 64, torch.float16, dict(with_dlse=False)),
+}
+
+
+@pytest.mark.parametrize("case", list(EMULATED_CASES))
+def test_sm80_kernels_on_the_emulator(emulator, tmp_path, case):
+    batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, dtype, options = EMULATED_CASES[case]
+    run_emulated(emulator, tmp_path, batch=batch, heads=heads, kv_heads=kv_heads, seqlen_q=seqlen_q,
+                 seqlen_k=seqlen_k, head_dim=head_dim, dtype=dtype, **options)
+
+
+def test_generated_instantiations_are_up_to_date():
+    script = CSRC / "attention" / "generate_instantiations.py"
+    result = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert result.returncode == 0, f"run `python {script.relative_to(ROOT)}`:\n{result.stdout}"
+
+
+def test_cuda_backend_refuses_what_the_kernels_lack(monkeypatch):
+    monkeypatch.setattr(attention_op, "cuda_head_dims", lambda: (64, 128))
+
+    def reason(dtype=torch.float16, head_dim=64, head_dim_v=64, **flags):
+        call = attention_op.AttentionCall(dtype, head_dim, head_dim_v, flags.get("bias", False),
+                                          flags.get("softcap", 0.0), flags.get("dropout_p", 0.0), False,
+                                          has_alibi=flags.get("alibi", False))
+        return attention_op.limits("cuda", call)
+
+    assert reason() is None and reason(torch.bfloat16, 128, 128) is None
+    assert "float16 or bfloat16, got float32" in reason(torch.float32)
+    assert "head_dim in (64, 128)" in reason(head_dim=80, head_dim_v=80)
+    assert "got 64 (q, k) and 128 (v)" in reason(head_dim_v=128)
+    assert "attn_bias" in reason(bias=True)
+    assert "alibi_slopes" in reason(alibi=True)
+    assert "softcap" in reason(softcap=1.0)
+    assert "dropout" in reason(dropout_p=0.1)
+
+
+# ----------------------------------------------------------------------------- on the GPU
+
+gpu = pytest.mark.gpu
+GPU_LENGTHS = ((1, 1), (1, 257), (7, 97), (97, 7), (257, 257), (1025, 1025), (257, 1025), (1025, 257))
+
+
+def _cuda_head_dims():
+    """The built head dims; (64, 128) where unknown, so that a missing build fails, not vanishes."""
+    return (attention_op.cuda_head_dims() if torch.cuda.is_available() else ()) or (64, 128)
+
+
+@pytest.fixture
+def cuda_backend():
+    reason = fastattn.backends.backend_unavailable_reason("cuda", torch.device("cuda"))
+    if reason is not None:
+        pytest.fail(f"the cuda backend is unavailable on this GPU machine: {reason}")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("head_dim", _cuda_head_dims())
+@pytest.mark.parametrize("lengths", GPU_LENGTHS, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gpu_sweep(cuda_backend, dtype, head_dim, lengths, causal):
+    q, k, v = _inputs(2, 4, 2, lengths[0], lengths[1], head_dim, device="cuda")
+    check_attention("cuda", q, k, v, dtype=dtype, causal=causal)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("options", [
+    dict(scale=0.3, causal=True), dict(window_size=(5, 3)), dict(window_size=(6, -1)), dict(window_size=(2, 0)),
+    dict(window_size=(200, 0)), dict(window_size=(0, 0)),
+], ids=["scale", "window", "window-left", "window-right-0", "window-wide-causal", "diagonal-only"])
+def test_gpu_windows(cuda_backend, dtype, options):
+    q, k, v = _inputs(1, 4, 2, 300, 257, 64, device="cuda")
+    check_attention("cuda", q, k, v, dtype=dtype, **options)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("seqlens", [(300, 257), (257, 300)], ids=["sq>sk", "sq<sk"])
+def test_gpu_sdpa_top_left_causal_and_mqa(cuda_backend, dtype, seqlens):
+    q, k, v = _inputs(2, 8, 1, seqlens[0], seqlens[1], 128, device="cuda")
+    check_attention("cuda", q, k, v, dtype=dtype, sdpa=True, is_causal=True, enable_gqa=True)
+
+
+@gpu
+def test_gpu_large(cuda_backend):
+    """Many tiles per block and every stage of the cp.async ring reused."""
+    for head_dim in _cuda_head_dims():
+        for causal in (False, True):
+            q, k, v = _inputs(2, 16, 4, 2048, 2048, head_dim, device="cuda")
+            check_attention("cuda", q, k, v, dtype=torch.bfloat16, causal=causal)
+
+
+@gpu
+def test_gpu_any_strides(cuda_backend):
+    """(b, s, h, d) views read in place, a misaligned base and a strided head_dim copied,
+    a stride-0 output gradient: all give bitwise what contiguous inputs give."""
+    b, h, hk, sq, sk, d = 2, 4, 2, 77, 150, 64
+    q = torch.randn(b, sq, h, d, device="cuda", dtype=torch.float16).transpose(1, 2)
+    k = torch.randn(b, sk, hk, d + 1, device="cuda", dtype=torch.float16)[..., 1:].transpose(1, 2)
+    v = torch.randn(b, hk, sk, 2 * d, device="cuda", dtype=torch.float16)[..., ::2]
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out, lse = fastattn.attention(*leaves, causal=True, return_lse=True, backend="cuda")
+    dout = torch.randn(1, 1, 1, d, device="cuda", dtype=torch.float16).expand(out.shape)
+    grads = torch.autograd.grad(out, leaves, dout)
+    dense = [t.detach().contiguous().requires_grad_() for t in (q, k, v)]
+    out_c, lse_c = fastattn.attention(*dense, causal=True, return_lse=True, backend="cuda")
+    grads_c = torch.autograd.grad(out_c, dense, dout.contiguous())
+    assert torch.equal(out, out_c) and torch.equal(lse, lse_c)
+    for grad, grad_c in zip(grads, grads_c):
+        assert torch.equal(grad, grad_c)
+
+
+@gpu
+def test_gpu_backward_is_bitwise_deterministic(cuda_backend):
+    q, k, v = _inputs(2, 8, 2, 1000, 1000, 128, device="cuda")
+
+    def grads():
+        leaves = [t.detach().to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
+        out = fastattn.attention(*leaves, causal=True, backend="cuda")
+        return torch.autograd.grad(out, leaves, torch.ones_like(out))
+
+    for a, b_ in zip(grads(), grads()):
+        assert torch.equal(a, b_)
+
+
+@gpu
+def test_gpu_opcheck(cuda_backend):
+    q, k, v = (t.half() for t in _inputs(1, 4, 2, 37, 45, 64, device="cuda"))
+    fwd_args = (q, k, v, None, None, None, 0.125, -1, 0, False, 0.0, 0.0, "cuda")
+    torch.library.opcheck(torch.ops.fastattn.attention_fwd.default, fwd_args)
+    out, lse = torch.ops.fastattn.attention_fwd(*fwd_args)
+    bwd_args = (torch.randn_like(out), torch.randn_like(lse), q, k, v, out, lse, None, None, None, 0.125, -1, 0,
+                False, 0.0, 0.0, False, "cuda")
+    torch.library.opcheck(torch.ops.fastattn.attention_bwd.default, bwd_args)
+
+
+@gpu
+def test_gpu_compile_fullgraph(cuda_backend):
+    torch._dynamo.reset()
+    q, k, v = (t.bfloat16() for t in _inputs(1, 4, 2, 100, 130, 128, device="cuda"))
+
+    def f(q_, k_, v_):
+        out, lse = fastattn.attention(q_, k_, v_, causal=True, return_lse=True, backend="cuda")
+        return out.float().sum() + _finite(lse).sum()
+
+    eager = [t.detach().requires_grad_() for t in (q, k, v)]
+    compiled_in = [t.detach().requires_grad_() for t in (q, k, v)]
+    expected = f(*eager)
+    expected.backward()
+    got = torch.compile(f, fullgraph=True)(*compiled_in)
+    got.backward()
+    torch.testing.assert_close(got, expected)
+    for a, e in zip(compiled_in, eager):
+        torch.testing.assert_close(a.grad, e.grad)
+
+
+@gpu
+def test_gpu_refusals(cuda_backend):
+    q, k, v = (t.half() for t in _inputs(1, 2, 2, 5, 5, 80, device="cuda"))
+    with pytest.raises(ValueError, match=r"backend 'cuda' cannot serve .*head_dim in"):
+        fastattn.attention(q, k, v, backend="cuda")
+    q, k, v = (t.half() for t in _inputs(1, 2, 2, 5, 5, 64, device="cuda"))
+    with pytest.raises(ValueError, match="no attn_bias"):
+        fastattn.attention(q, k, v, attn_bias=torch.zeros(5, 5, device="cuda"), backend="cuda")
+    with pytest.raises(ValueError, match="no alibi_slopes"):
+        fastattn.attention(q, k, v, alibi_slopes=torch.ones(2, device="cuda"), backend="cuda")
+    with pytest.raises(ValueError, match="float16 or bfloat16, got float32"):
+        fastattn.attention(q.float(), k.float(), v.float(), backend="cuda")
+    with pytest.raises(ValueError, match=r"fastattn_cuda::attention_fwd: k and v must have q's head_dim"):
+        torch.ops.fastattn_cuda.attention_fwd(q, k[..., :32].contiguous(), v, 0.1, -1, -1, False)
+    assert fastattn.attention(q, k, v, softcap=2.0).shape == q.shape  # auto falls back
+
+
+# ----------------------------------------------------------------------------- GPU tools
+
+SANITIZER_SCRIPT = textwrap.dedent("""
+    import torch, fastattn
+    torch.manual_seed(0)
+    for dtype, head_dim, causal, (sq, sk) in [(torch.float16, 64, True, (77, 150)),
+                                              (torch.bfloat16, 128, False, (150, 77))]:
+        q = torch.randn(1, 4, sq, head_dim, device="cuda", dtype=dtype, requires_grad=True)
+        k = torch.randn(1, 2, sk, head_dim, device="cuda", dtype=dtype, requires_grad=True)
+        v = torch.randn(1, 2, sk, head_dim, device="cuda", dtype=dtype, requires_grad=True)
+        out, lse = fastattn.attention(q, k, v, causal=causal, return_lse=True, backend="cuda")
+        (out.float().sum() + lse[lse.isfinite()].sum()).backward()
+    torch.cuda.synchronize()
+    print("ran")
+""")
+
+
+@gpu
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
+def test_gpu_compute_sanitizer(cuda_backend, tool, tmp_path):
+    sanitizer = shutil.which("compute-sanitizer")
+    if sanitizer is None:
+        pytest.skip("compute-sanitizer is not on PATH")
+    script = tmp_path / "run.py"
+    script.write_text(SANITIZER_SCRIPT)
+    env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
+    result = subprocess.run([sanitizer, f"--tool={tool}", "--error-exitcode=99", sys.executable, str(script)],
+                            capture_output=True, text=True, env=env, timeout=1800)
+    assert result.returncode == 0 and "ran" in result.stdout, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "ERROR SUMMARY: 0 errors" in result.stdout + result.stderr, result.stdout[-4000:]
+
+
+def _sass(function_pattern):
+    """{kernel name: its SASS} of fastattn._C's kernels whose mangled name matches."""
+    cuobjdump = shutil.which("cuobjdump")
+    if cuobjdump is None:
+        pytest.skip("cuobjdump is not on PATH")
+    import fastattn._C as extension
+
+    dump = subprocess.run([cuobjdump, "--dump-sass", extension.__file__], capture_output=True, text=True,
+                          check=True).stdout
+    kernels = {}
+    for block in re.split(r"\n\s*Function : ", dump)[1:]:
+        name, _, body = block.partition("\n")
+        if re.search(function_pattern, name):
+            kernels[name.strip()] = body
+    return kernels
+
+
+@gpu
+def test_gpu_sass_of_the_hopper_kernel_has_hgmma(cuda_backend):
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Hopper kernel is built and run for sm_90 only")
+    kernels = _sass(r"attention_fwd_kernel_sm90")
+    assert kernels, "no sm90 attention kernel in fastattn._C (is 9.0a in TORCH_CUDA_ARCH_LIST?)"
+    for name, body in kernels.items():
+        assert "HGMMA" in body, f"{name}: no HGMMA instruction"
+        assert "UTMALDG" in body or "UBLKCP" in body, f"{name}: no TMA load"
+
+
+@gpu
+def test_gpu_sass_of_the_sm80_kernels_has_hmma_and_ldsm(cuda_backend):
+    kernels = _sass(r"attention_(fwd|bwd_dq|bwd_dkdv)_kernel_sm80")
+    assert kernels, "no sm80 attention kernel in fastattn._C"
+    for name, body in kernels.items():
+        assert "HMMA" in body and "LDSM" in body and "LDGSTS" in body, f"{name}: no mma.sync/ldmatrix/cp.async"
