@@ -33,6 +33,7 @@ MAX_QUERY_LEN = 16
 class DecodeCall:
     dtype: torch.dtype
     head_dim: int
+    head_dim_v: int
     paged: bool
     page_size: int
     softcap: float
@@ -98,8 +99,9 @@ def _limits(backend: str, call: DecodeCall) -> Optional[str]:
             return f"the Triton kernels take float16, bfloat16 or float32, got {check.dtype_name(call.dtype)}"
         if call.dtype == torch.bfloat16 and triton_interpreter_on():
             return "the Triton interpreter (TRITON_INTERPRET=1) computes tl.dot on bfloat16 wrongly"
-        if call.head_dim > dense.TRITON_MAX_HEAD_DIM:
-            return f"the Triton kernels take head_dim up to {dense.TRITON_MAX_HEAD_DIM}, got {call.head_dim}"
+        if max(call.head_dim, call.head_dim_v) > dense.TRITON_MAX_HEAD_DIM:
+            return (f"the Triton kernels take head_dim up to {dense.TRITON_MAX_HEAD_DIM}, got "
+                    f"{call.head_dim} (k) and {call.head_dim_v} (v)")
     if backend == "torch":
         if call.softcap > 0:
             return "F.scaled_dot_product_attention has no softcap"
@@ -284,7 +286,8 @@ def decode_attention(
                     f"block_table entries must index pages 0..{k_cache.shape[0] - 1} of k_cache"
                 )
     _check_new_kv(k_new, v_new, k_cache, v_cache, batch, q_len, device)
-    call = DecodeCall(q.dtype, head_dim, block_table is not None, k_cache.shape[2], softcap, return_lse)
+    call = DecodeCall(q.dtype, head_dim, v_cache.shape[-1], block_table is not None, k_cache.shape[2], softcap,
+                      return_lse)
     name = BACKENDS.resolve(backend, device, call)
     if k_new is not None:
         decode_attention_append(k_new, v_new, k_cache, v_cache, seqlens, block_table, name)

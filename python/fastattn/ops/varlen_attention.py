@@ -23,8 +23,8 @@ from . import attention as dense
 from ._common import BackendTable, draw_rng_seed, is_placeholder, seeded_generator
 
 
-def _naive_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_seed, scale,
-                   window_left, window_right, softcap, dropout_p):
+def _naive_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes,
+                   rng_seed, scale, window_left, window_right, softcap, dropout_p):
     generator = seeded_generator(rng_seed, q.device) if dropout_p > 0 else None
     out, lse = reference.varlen_attention(
         q, k, v, cu_seqlens_q, cu_seqlens_k, scale=scale, window_size=(window_left, window_right),
@@ -34,8 +34,8 @@ def _naive_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_seed, 
     return out.contiguous(), lse.contiguous()
 
 
-def _torch_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_seed, scale,
-                   window_left, window_right, softcap, dropout_p):
+def _torch_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes,
+                   rng_seed, scale, window_left, window_right, softcap, dropout_p):
     """F.scaled_dot_product_attention once per sequence (PyTorch has no packed SDPA)."""
     bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     outs = []
@@ -64,15 +64,12 @@ def _reference_backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     )
 
 
-def _triton_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_seed, scale, window_left,
-                    window_right, softcap, dropout_p):
-    """The dense Triton kernels in their packed (IS_VARLEN) mode. The registered forward
-    does not pass max_seqlen_q/k, so the grid's longest sequences are read from
-    cu_seqlens here (one device-to-host copy)."""
+def _triton_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes,
+                    rng_seed, scale, window_left, window_right, softcap, dropout_p):
+    """The dense Triton kernels in their packed (IS_VARLEN) mode; max_seqlen_q/k size
+    the grid, so nothing is read back from the device."""
     from fastattn.kernels import attention as kernels  # lazily: importing triton is slow
 
-    lengths = torch.stack([cu_seqlens_q[1:] - cu_seqlens_q[:-1], cu_seqlens_k[1:] - cu_seqlens_k[:-1]])
-    max_seqlen_q, max_seqlen_k = lengths.amax(dim=1).tolist() if lengths.shape[1] else (0, 0)
     return kernels.varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                             alibi_slopes, rng_seed, scale, window_left, window_right, softcap,
                                             dropout_p)
@@ -110,8 +107,9 @@ def varlen_attention_fwd(
     dropout_p: float,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    return BACKENDS.forward[backend](q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_seed,
-                                     scale, window_left, window_right, softcap, dropout_p)
+    return BACKENDS.forward[backend](q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                     alibi_slopes, rng_seed, scale, window_left, window_right, softcap,
+                                     dropout_p)
 
 
 @varlen_attention_fwd.register_fake
