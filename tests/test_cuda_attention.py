@@ -1,12 +1,13 @@
 """The CUDA attention kernels (csrc/attention): FlashAttention-2 on sm80+, the Hopper
 forward on sm90.
 
-On a machine without a GPU (CI) the sm80 kernel bodies run on the host emulator of the
-warp-level instructions (csrc/attention/emulation.cuh, driven by
-tests/cuda_emulation/attention_emulation.cpp): output, lse and the three gradients
-against the float64 reference with FlashAttention's rule (helpers.py), over odd
-lengths, both causal alignments, sliding windows, GQA, strided layouts, both copy
-timings of cp.async and both warp orders. The `gpu` tests run backend="cuda" through
+On a machine without a GPU (CI) the kernel bodies run on the host emulator of the
+instructions they use (csrc/attention/emulation.cuh, driven by
+tests/cuda_emulation/attention_emulation.cpp): the sm80 forward or the Hopper forward
+(TMA, mbarriers, wgmma, warp specialization), then the sm80 backward; output, lse and
+the three gradients against the float64 reference with FlashAttention's rule
+(helpers.py), over odd lengths, both causal alignments, sliding windows, GQA, strided
+layouts, both timings of the asynchronous copies and both thread orders. The `gpu` tests run backend="cuda" through
 fastattn.attention with the Triton tests' checks (test_attention.check_attention), plus
 strides, determinism, opcheck, torch.compile, compute-sanitizer (memcheck, racecheck)
 and the SASS of the Hopper kernel (HGMMA).
@@ -85,9 +86,10 @@ def _read(path, shape, dtype):
 
 def run_emulated(binary, workdir, *, batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, dtype,
                  causal=False, window=(-1, -1), top_left=False, with_dlse=True, copy_mode="deferred",
-                 reverse_warps=False, strided=False):
-    """Forward and backward of the sm80 kernels on the emulator, checked like every backend:
-    out, lse, dq, dk, dv against float64 within the naive same-precision error rule."""
+                 reverse_warps=False, strided=False, forward="sm80"):
+    """The forward (`forward`: "sm80" or "sm90") and the sm80 backward on the emulator,
+    checked like every backend: out, lse, dq, dk, dv against float64 within the naive
+    same-precision error rule."""
     window = (window[0], 0 if causal else window[1])
     scale = 1.0 / math.sqrt(head_dim)
     q, k, v = (t.to(dtype) for t in _inputs(batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim))
@@ -99,7 +101,7 @@ def run_emulated(binary, workdir, *, batch, heads, kv_heads, seqlen_q, seqlen_k,
         _write(workdir / "dlse.bin", dlse)
     fields = (batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, int(dtype == torch.bfloat16), repr(scale),
               window[0], window[1], int(top_left), int(with_dlse), int(copy_mode == "deferred"),
-              int(reverse_warps), int(strided))
+              int(reverse_warps), int(strided), int(forward == "sm90"))
     (workdir / "case.txt").write_text(" ".join(map(str, fields)) + "\n")
     result = subprocess.run([str(binary), str(workdir)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"emulated kernels failed ({result.returncode}): {result.stderr[-2000:]}"
@@ -128,7 +130,8 @@ def run_emulated(binary, workdir, *, batch, heads, kv_heads, seqlen_q, seqlen_k,
 
 
 # (batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, dtype, options): each case crosses
-# several tile boundaries of traits.cuh (forward 128 x 64, dQ 64 x 64, dK/dV 64 x 128).
+# several tile boundaries of traits.cuh (sm80 forward 128 x 64, dQ 64 x 64, dK/dV 64 x 128;
+# sm90 forward 128 x 128 with a 4-stage (d=64) or 2-stage (d=128) ring).
 EMULATED_CASES = {
     "fp16-d64-causal-sq<sk-gqa": (1, 2, 1, 70, 133, 64, torch.float16, dict(causal=True)),
     "bf16-d64-causal-sq>sk-eager-reversed": (
@@ -138,11 +141,17 @@ EMULATED_CASES = {
     "fp16-d64-window-left-strided-eager": (
         1, 3, 1, 150, 150, 64, torch.float16, dict(window=(6, -1), strided=True, copy_mode="eager")),
     "fp16-d64-one-by-one-no-dlse": (2, 2, 2, 1, 1, 64, torch.float16, dict(with_dlse=False)),
+    "sm90-fp16-d64-causal-ring-wraps": (1, 2, 1, 260, 700, 64, torch.float16, dict(causal=True, forward="sm90")),
+    "sm90-bf16-d128-full-eager": (
+        1, 2, 2, 130, 390, 128, torch.bfloat16, dict(copy_mode="eager", reverse_warps=True, forward="sm90")),
+    "sm90-fp16-d128-window-top-left-strided": (
+        1, 2, 1, 150, 77, 128, torch.float16, dict(window=(20, 5), top_left=True, strided=True, forward="sm90")),
+    "sm90-bf16-d64-causal-blocks-without-keys": (1, 2, 1, 300, 77, 64, torch.bfloat16, dict(causal=True, forward="sm90")),
 }
 
 
 @pytest.mark.parametrize("case", list(EMULATED_CASES))
-def test_sm80_kernels_on_the_emulator(emulator, tmp_path, case):
+def test_kernels_on_the_emulator(emulator, tmp_path, case):
     batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, dtype, options = EMULATED_CASES[case]
     run_emulated(emulator, tmp_path, batch=batch, heads=heads, kv_heads=kv_heads, seqlen_q=seqlen_q,
                  seqlen_k=seqlen_k, head_dim=head_dim, dtype=dtype, **options)

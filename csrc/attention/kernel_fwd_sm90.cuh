@@ -38,8 +38,8 @@ struct FwdParamsSm90 {
 };
 
 template <typename Traits, bool IsCausal>
-__device__ __forceinline__ void attention_fwd_block_sm90(const FwdParamsSm90& params, char* smem, int m_block,
-                                                          int head, int batch, int tid) {
+FA_DEVICE void attention_fwd_block_sm90(const FwdParamsSm90& params, char* smem, int m_block, int head, int batch,
+                                        int tid) {
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
@@ -77,11 +77,9 @@ __device__ __forceinline__ void attention_fwd_block_sm90(const FwdParamsSm90& pa
       sm90::mbarrier_init(&v_full[s], 1);
       sm90::mbarrier_init(&kv_empty[s], kConsumerThreads);
     }
-#if FA_SM90_ENABLED
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-#endif
+    sm90::mbarrier_init_fence();
   }
-  __syncthreads();
+  block_sync();
 
   const int warpgroup = tid / 128;
   if (warpgroup == 0) {

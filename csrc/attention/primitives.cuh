@@ -88,6 +88,8 @@ FA_DEVICE int swizzle(int row, int chunk) {
 FA_DEVICE uint32_t smem_address(const void* ptr) {
 #if defined(__CUDA_ARCH__)
   return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+#elif FA_EMULATED
+  return emu::shared_offset(ptr);
 #else
   (void)ptr;
   return 0;

@@ -2,7 +2,8 @@
 // (cp.async.bulk.tensor) completing on mbarriers, wgmma.mma_async with its fence /
 // commit / wait protocol and shared-memory matrix descriptors, setmaxnreg and named
 // barriers. Everything compiles to nothing outside the sm_90a device pass (the sm_80
-// pass of the same file, and the host pass).
+// pass of the same file, and the host pass), except under FASTATTN_EMULATE, where the
+// host emulator (emulation.cuh) runs each instruction.
 #pragma once
 
 #include <cstdint>
@@ -24,6 +25,8 @@ namespace sm90 {
 FA_DEVICE void mbarrier_init(uint64_t* bar, int count) {
 #if FA_SM90_ENABLED
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_address(bar)), "r"(count));
+#elif FA_EMULATED
+  emu::mbarrier_init(bar, count);
 #else
   (void)bar;
   (void)count;
@@ -35,6 +38,8 @@ FA_DEVICE void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
 #if FA_SM90_ENABLED
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_address(bar)), "r"(bytes)
                : "memory");
+#elif FA_EMULATED
+  emu::mbarrier_arrive(bar, bytes);
 #else
   (void)bar;
   (void)bytes;
@@ -44,6 +49,8 @@ FA_DEVICE void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
 FA_DEVICE void mbarrier_arrive(uint64_t* bar) {
 #if FA_SM90_ENABLED
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_address(bar)) : "memory");
+#elif FA_EMULATED
+  emu::mbarrier_arrive(bar, 0);
 #else
   (void)bar;
 #endif
@@ -58,6 +65,8 @@ FA_DEVICE void mbarrier_wait(uint64_t* bar, int parity) {
       "@!done bra WAIT;\n}\n" ::"r"(smem_address(bar)),
       "r"(parity)
       : "memory");
+#elif FA_EMULATED
+  emu::mbarrier_wait(bar, parity);
 #else
   (void)bar;
   (void)parity;
@@ -83,6 +92,8 @@ FA_DEVICE void tma_load_4d(void* smem, const void* tensor_map, uint64_t* bar, in
       "[%6];\n" ::"r"(smem_address(smem)),
       "l"(reinterpret_cast<uint64_t>(tensor_map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(smem_address(bar))
       : "memory");
+#elif FA_EMULATED
+  emu::tma_load_4d(smem, tensor_map, bar, c0, c1, c2, c3);
 #else
   (void)smem;
   (void)tensor_map;
@@ -114,6 +125,8 @@ FA_DEVICE void setmaxnreg_inc() {
 FA_DEVICE void named_barrier_sync(int id, int threads) {
 #if FA_SM90_ENABLED
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+#elif FA_EMULATED
+  emu::named_barrier(id, threads);
 #else
   (void)id;
   (void)threads;
@@ -129,6 +142,13 @@ FA_DEVICE uint64_t smem_descriptor(const void* start, uint32_t leading_bytes) {
   const uint32_t address = smem_address(start);
   return static_cast<uint64_t>((address & 0x3FFFF) >> 4) | (static_cast<uint64_t>((leading_bytes & 0x3FFFF) >> 4) << 16) |
          (static_cast<uint64_t>(1024 >> 4) << 32) | (static_cast<uint64_t>(1) << 62);
+}
+
+// Makes mbarrier.init visible before other threads (and the copy engine) use the barriers.
+FA_DEVICE void mbarrier_init_fence() {
+#if FA_SM90_ENABLED
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#endif
 }
 
 FA_DEVICE void wgmma_fence() {
@@ -153,8 +173,12 @@ FA_DEVICE void wgmma_wait() {
 // Keeps the compiler from moving accesses of these registers across a wgmma boundary.
 template <int N>
 FA_DEVICE void fence_registers(float (&r)[N]) {
+#if defined(__CUDA_ARCH__)
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+#else
+  (void)r;
+#endif
 }
 
 // d (64 x 128) = A (desc, 64 x 16, K-major) · B (desc, 128 x 16, K-major)ᵀ [+ d if accumulate].
@@ -178,6 +202,8 @@ FA_DEVICE void wgmma_m64n128k16_ss(float (&d)[64], uint64_t desc_a, uint64_t des
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
         : "l"(desc_a), "l"(desc_b), "r"(accumulate));
   }
+#elif FA_EMULATED
+  emu::wgmma(d, 128, nullptr, desc_a, desc_b, accumulate, false, ElementTraits<Element>::kIsBF16);
 #else
   (void)d;
   (void)desc_a;
@@ -207,6 +233,8 @@ FA_DEVICE void wgmma_m64n64k16_rs(float (&d)[32], const uint32_t (&a)[4], uint64
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
   }
+#elif FA_EMULATED
+  emu::wgmma(d, 64, a, 0, desc_b, accumulate, true, ElementTraits<Element>::kIsBF16);
 #else
   (void)d;
   (void)a;
@@ -236,6 +264,8 @@ FA_DEVICE void wgmma_m64n128k16_rs(float (&d)[64], const uint32_t (&a)[4], uint6
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
   }
+#elif FA_EMULATED
+  emu::wgmma(d, 128, a, 0, desc_b, accumulate, true, ElementTraits<Element>::kIsBF16);
 #else
   (void)d;
   (void)a;

@@ -1,5 +1,6 @@
-// Runs the sm80 attention kernels (forward, then backward) on the host emulator of
-// csrc/attention/emulation.cuh, block by block, for tests/test_cuda_attention.py.
+// Runs the attention kernels on the host emulator of csrc/attention/emulation.cuh, block
+// by block, for tests/test_cuda_attention.py: the forward (sm80 or the Hopper kernel),
+// then the sm80 backward.
 //
 //     attention_emulation CASE_DIR
 //
@@ -7,6 +8,7 @@
 //     batch heads kv_heads seqlen_q seqlen_k head_dim dtype(0 fp16, 1 bf16) scale
 //     window_left window_right top_left has_dlse copy_mode(0 eager, 1 deferred)
 //     reverse_warps layout(0 contiguous, 1 (b, s, h, d) with padded rows)
+//     forward(0 sm80, 1 sm90)
 // and CASE_DIR/{q,k,v,dout}.bin the contiguous (b, h, s, d) inputs in dtype,
 // dlse.bin (b, h, sq) fp32 when has_dlse. Writes out, lse, dq, dk, dv .bin in the
 // same contiguous layouts. Tensors are placed in `layout` inside guard zones; an
@@ -23,6 +25,7 @@
 
 #include "attention/kernel_bwd_sm80.cuh"
 #include "attention/kernel_fwd_sm80.cuh"
+#include "attention/kernel_fwd_sm90.cuh"
 #include "attention/traits.cuh"
 
 namespace fa = fastattn::attention;
@@ -33,7 +36,7 @@ namespace {
 struct Case {
   int batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, dtype;
   float scale;
-  int window_left, window_right, top_left, has_dlse, copy_mode, reverse_warps, layout;
+  int window_left, window_right, top_left, has_dlse, copy_mode, reverse_warps, layout, forward;
 };
 
 constexpr int kGuard = 256;  // bytes of poison before and after every tensor
@@ -107,12 +110,15 @@ struct Placed {
   }
 };
 
+// A block's shared memory: 1024-byte aligned (as the Hopper kernel aligns it), poisoned.
 struct SharedMemory {
   std::vector<char> bytes;
   char* aligned(int size) {
-    bytes.assign(size + 256, char(0xFF));
+    bytes.assign(size + 2048, char(0xFF));
     char* base = bytes.data();
-    return base + (128 - reinterpret_cast<uintptr_t>(base) % 128) % 128;
+    base += (1024 - reinterpret_cast<uintptr_t>(base) % 1024) % 1024;
+    emu::runtime().shared_base = base;
+    return base;
   }
 };
 
@@ -127,6 +133,42 @@ void run_forward(const fa::FwdParams& p) {
         char* s = smem.aligned(Traits::kSmemBytes);
         emu::run_block(Traits::kNThreads, [&](int tid) {
           fa::attention_fwd_block_sm80<Traits, IsCausal>(p, s, m_block, head, batch, tid);
+        });
+      }
+}
+
+// The emulated tensor map of a (batch, heads, rows, head_dim) tensor (see EmulatedTensorMap).
+CUtensorMap tensor_map(const void* base, int batch, int heads, int rows, int head_dim, int64_t batch_stride,
+                       int64_t head_stride, int64_t row_stride, int box_rows) {
+  emu::EmulatedTensorMap map{static_cast<const char*>(base),
+                             {uint64_t(head_dim), uint64_t(rows), uint64_t(heads), uint64_t(batch)},
+                             {uint64_t(row_stride) * 2, uint64_t(head_stride) * 2, uint64_t(batch_stride) * 2},
+                             {64, uint32_t(box_rows)}};
+  CUtensorMap out;
+  static_assert(sizeof(map) <= sizeof(out), "the emulated map fits in a CUtensorMap");
+  std::memcpy(&out, &map, sizeof(map));
+  return out;
+}
+
+template <int kHeadDim, typename Element, bool IsCausal>
+void run_forward_sm90(const fa::FwdParams& p) {
+  using Traits = fa::FwdTraitsSm90<kHeadDim, Element>;
+  fa::FwdParamsSm90 params;
+  params.p = p;
+  params.tma_q = tensor_map(p.q, p.batch, p.heads, p.seqlen_q, kHeadDim, p.q_batch_stride, p.q_head_stride,
+                            p.q_row_stride, Traits::kBlockM);
+  params.tma_k = tensor_map(p.k, p.batch, p.kv_heads, p.seqlen_k, kHeadDim, p.k_batch_stride, p.k_head_stride,
+                            p.k_row_stride, Traits::kBlockN);
+  params.tma_v = tensor_map(p.v, p.batch, p.kv_heads, p.seqlen_k, kHeadDim, p.v_batch_stride, p.v_head_stride,
+                            p.v_row_stride, Traits::kBlockN);
+  SharedMemory smem;
+  const int m_blocks = (p.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
+  for (int batch = 0; batch < p.batch; ++batch)
+    for (int head = 0; head < p.heads; ++head)
+      for (int m_block = 0; m_block < m_blocks; ++m_block) {
+        char* s = smem.aligned(Traits::kSmemBytes);
+        emu::run_block(Traits::kNThreads, [&](int tid) {
+          fa::attention_fwd_block_sm90<Traits, IsCausal>(params, s, m_block, head, batch, tid);
         });
       }
 }
@@ -162,14 +204,22 @@ void run_backward(const fa::BwdParams& p) {
       }
 }
 
-template <int kHeadDim, typename Element>
-void run_all(fa::BwdParams& p) {
-  if (p.is_causal) {
-    run_forward<kHeadDim, Element, true>(p);
-    run_backward<kHeadDim, Element, true>(p);
+template <int kHeadDim, typename Element, bool IsCausal>
+void run_all(fa::BwdParams& p, bool sm90_forward) {
+  if (sm90_forward) {
+    run_forward_sm90<kHeadDim, Element, IsCausal>(p);
   } else {
-    run_forward<kHeadDim, Element, false>(p);
-    run_backward<kHeadDim, Element, false>(p);
+    run_forward<kHeadDim, Element, IsCausal>(p);
+  }
+  run_backward<kHeadDim, Element, IsCausal>(p);
+}
+
+template <int kHeadDim, typename Element>
+void run_all(fa::BwdParams& p, bool sm90_forward) {
+  if (p.is_causal) {
+    run_all<kHeadDim, Element, true>(p, sm90_forward);
+  } else {
+    run_all<kHeadDim, Element, false>(p, sm90_forward);
   }
 }
 
@@ -185,7 +235,8 @@ int main(int argc, char** argv) {
   {
     std::ifstream in(dir + "/case.txt");
     in >> c.batch >> c.heads >> c.kv_heads >> c.seqlen_q >> c.seqlen_k >> c.head_dim >> c.dtype >> c.scale >>
-        c.window_left >> c.window_right >> c.top_left >> c.has_dlse >> c.copy_mode >> c.reverse_warps >> c.layout;
+        c.window_left >> c.window_right >> c.top_left >> c.has_dlse >> c.copy_mode >> c.reverse_warps >> c.layout >>
+        c.forward;
     if (!in) {
       std::fprintf(stderr, "cannot parse %s/case.txt\n", dir.c_str());
       return 2;
@@ -241,13 +292,13 @@ int main(int argc, char** argv) {
   p.delta_batch_stride = int64_t(h) * sq, p.delta_head_stride = sq;
 
   if (d == 64 && c.dtype == 0) {
-    run_all<64, __half>(p);
+    run_all<64, __half>(p, c.forward == 1);
   } else if (d == 64) {
-    run_all<64, __nv_bfloat16>(p);
+    run_all<64, __nv_bfloat16>(p, c.forward == 1);
   } else if (d == 128 && c.dtype == 0) {
-    run_all<128, __half>(p);
+    run_all<128, __half>(p, c.forward == 1);
   } else if (d == 128) {
-    run_all<128, __nv_bfloat16>(p);
+    run_all<128, __nv_bfloat16>(p, c.forward == 1);
   } else {
     std::fprintf(stderr, "head_dim %d is not instantiated\n", d);
     return 2;
