@@ -200,12 +200,23 @@ def cuda_backend():
         pytest.fail(f"the cuda backend is unavailable on this GPU machine: {reason}")
 
 
+@pytest.fixture(params=["default", "sm80"], ids=["fwd-default", "fwd-sm80"])
+def forward_kernel(request, cuda_backend, monkeypatch):
+    """The device's own forward (the Hopper kernel on sm90), then the sm80 forward pinned
+    by FASTATTN_ATTENTION_CUDA_KERNEL (the same kernel twice elsewhere: skipped)."""
+    if request.param == "sm80":
+        if torch.cuda.get_device_capability() != (9, 0):
+            pytest.skip("the sm80 forward is the default on this device")
+        monkeypatch.setenv("FASTATTN_ATTENTION_CUDA_KERNEL", "sm80")
+    return request.param
+
+
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("head_dim", _cuda_head_dims())
 @pytest.mark.parametrize("lengths", GPU_LENGTHS, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_gpu_sweep(cuda_backend, dtype, head_dim, lengths, causal):
+def test_gpu_sweep(forward_kernel, dtype, head_dim, lengths, causal):
     q, k, v = _inputs(2, 4, 2, lengths[0], lengths[1], head_dim, device="cuda")
     check_attention("cuda", q, k, v, dtype=dtype, causal=causal)
 
@@ -216,7 +227,7 @@ def test_gpu_sweep(cuda_backend, dtype, head_dim, lengths, causal):
     dict(scale=0.3, causal=True), dict(window_size=(5, 3)), dict(window_size=(6, -1)), dict(window_size=(2, 0)),
     dict(window_size=(200, 0)), dict(window_size=(0, 0)),
 ], ids=["scale", "window", "window-left", "window-right-0", "window-wide-causal", "diagonal-only"])
-def test_gpu_windows(cuda_backend, dtype, options):
+def test_gpu_windows(forward_kernel, dtype, options):
     q, k, v = _inputs(1, 4, 2, 300, 257, 64, device="cuda")
     check_attention("cuda", q, k, v, dtype=dtype, **options)
 
@@ -224,13 +235,13 @@ def test_gpu_windows(cuda_backend, dtype, options):
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("seqlens", [(300, 257), (257, 300)], ids=["sq>sk", "sq<sk"])
-def test_gpu_sdpa_top_left_causal_and_mqa(cuda_backend, dtype, seqlens):
+def test_gpu_sdpa_top_left_causal_and_mqa(forward_kernel, dtype, seqlens):
     q, k, v = _inputs(2, 8, 1, seqlens[0], seqlens[1], 128, device="cuda")
     check_attention("cuda", q, k, v, dtype=dtype, sdpa=True, is_causal=True, enable_gqa=True)
 
 
 @gpu
-def test_gpu_large(cuda_backend):
+def test_gpu_large(forward_kernel):
     """Many tiles per block and every stage of the cp.async ring reused."""
     for head_dim in _cuda_head_dims():
         for causal in (False, True):
@@ -239,7 +250,7 @@ def test_gpu_large(cuda_backend):
 
 
 @gpu
-def test_gpu_any_strides(cuda_backend):
+def test_gpu_any_strides(forward_kernel):
     """(b, s, h, d) views read in place, a misaligned base and a strided head_dim copied,
     a stride-0 output gradient: all give bitwise what contiguous inputs give."""
     b, h, hk, sq, sk, d = 2, 4, 2, 77, 150, 64
@@ -338,7 +349,9 @@ SANITIZER_SCRIPT = textwrap.dedent("""
 
 @gpu
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
-def test_gpu_compute_sanitizer(cuda_backend, tool, tmp_path):
+def test_gpu_compute_sanitizer(forward_kernel, tool, tmp_path):
+    """Small odd-sized cases (partial tiles, GQA, causal) forward and backward under
+    compute-sanitizer; the forward is the device's own and, on sm90, the sm80 one too."""
     sanitizer = shutil.which("compute-sanitizer")
     if sanitizer is None:
         pytest.skip("compute-sanitizer is not on PATH")

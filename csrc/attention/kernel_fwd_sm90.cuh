@@ -135,10 +135,10 @@ FA_DEVICE void attention_fwd_block_sm90(const FwdParamsSm90& params, char* smem,
     }
 
     auto q_desc = [&](int ks) {
-      return sm90::smem_descriptor(s_q + (ks / 4) * kBlockM * 64 + consumer * 64 * 64 + (ks % 4) * 16, 0);
+      return sm90::smem_descriptor(s_q + (ks / 4) * kBlockM * 64 + consumer * 64 * 64 + (ks % 4) * 16, 16);
     };
     auto k_desc = [&](int stage, int ks) {
-      return sm90::smem_descriptor(s_k + stage * kBlockN * kHeadDim + (ks / 4) * kBlockN * 64 + (ks % 4) * 16, 0);
+      return sm90::smem_descriptor(s_k + stage * kBlockN * kHeadDim + (ks / 4) * kBlockN * 64 + (ks % 4) * 16, 16);
     };
     auto v_desc = [&](int stage, int kk) {
       return sm90::smem_descriptor(s_v + stage * kBlockN * kHeadDim + kk * 16 * 64, kBlockN * 128);

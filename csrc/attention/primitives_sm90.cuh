@@ -137,7 +137,8 @@ FA_DEVICE void named_barrier_sync(int id, int threads) {
 
 // A 128-byte-swizzled shared-memory operand: 8-row atoms of 128-byte rows, 1024 bytes
 // apart (stride byte offset); `leading_bytes` is the distance between 64-element
-// column blocks of an N-major operand (unused by K-major ones).
+// column blocks of an N-major operand (K-major ones ignore it; the PTX ISA says to
+// give 16, encoded 1).
 FA_DEVICE uint64_t smem_descriptor(const void* start, uint32_t leading_bytes) {
   const uint32_t address = smem_address(start);
   return static_cast<uint64_t>((address & 0x3FFFF) >> 4) | (static_cast<uint64_t>((leading_bytes & 0x3FFFF) >> 4) << 16) |
