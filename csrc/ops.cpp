@@ -780,12 +780,6 @@ bool vector_accessible(const at::Tensor& t) {
 // An input as the kernels read it: itself, or a contiguous copy.
 at::Tensor attention_operand(const at::Tensor& t) { return vector_accessible(t) ? t : t.contiguous(); }
 
-// A gradient laid out like its input where the kernels can write that layout (as
-// empty_like, what the op's fake implementation returns), else contiguous.
-at::Tensor attention_grad_like(const at::Tensor& t) {
-  at::Tensor grad = at::empty_like(t);
-  return vector_accessible(grad) ? grad : at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::Contiguous));
-}
 
 // (batch, heads, seqlen) fp32 statistics with a unit seqlen stride.
 at::Tensor attention_rows(const at::Tensor& t) { return t.stride(2) == 1 ? t : t.contiguous(); }
@@ -912,9 +906,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
                       q_in.device());
     TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t->scalar_type());
   }
-  at::Tensor dq = attention_grad_like(q_in);
-  at::Tensor dk = attention_grad_like(k_in);
-  at::Tensor dv = attention_grad_like(v_in);
+  // Contiguous, as the op's fake implementation allocates them.
+  const auto contiguous = q_in.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor dq = at::empty(q_in.sizes(), contiguous);
+  at::Tensor dk = at::empty(k_in.sizes(), contiguous);
+  at::Tensor dv = at::empty(v_in.sizes(), contiguous);
   if (p.batch == 0 || p.heads == 0 || p.seqlen_q == 0 || p.seqlen_k == 0) {
     dq.zero_();
     dk.zero_();

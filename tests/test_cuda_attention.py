@@ -253,7 +253,7 @@ def test_gpu_large(forward_kernel):
 def test_gpu_any_strides(forward_kernel):
     """(b, s, h, d) views read in place, a misaligned base and a strided head_dim copied,
     a stride-0 output gradient: all give bitwise what contiguous inputs give; gradients
-    are laid out as torch.empty_like (the fake implementation) lays them out."""
+    come back contiguous, as the fake implementation allocates them."""
     b, h, hk, sq, sk, d = 2, 4, 2, 77, 150, 64
     q = torch.randn(b, sq, h, d, device="cuda", dtype=torch.float16).transpose(1, 2)
     k = torch.randn(b, sk, hk, d + 1, device="cuda", dtype=torch.float16)[..., 1:].transpose(1, 2)
@@ -268,8 +268,7 @@ def test_gpu_any_strides(forward_kernel):
     assert torch.equal(out, out_c) and torch.equal(lse, lse_c)
     for grad, grad_c in zip(grads, grads_c):
         assert torch.equal(grad, grad_c)
-    assert grads[0].stride() == q.stride()  # a dense view's gradient keeps its layout (as the fake op's)
-    assert grads[2].is_contiguous()
+    assert all(grad.is_contiguous() for grad in grads)  # as the fake implementation allocates them
 
 
 @gpu
