@@ -366,8 +366,9 @@ def test_gpu_compute_sanitizer(forward_kernel, tool, tmp_path):
     assert "ERROR SUMMARY: 0 errors" in result.stdout + result.stderr, result.stdout[-4000:]
 
 
-def _sass(function_pattern):
-    """{kernel name: its SASS} of fastattn._C's kernels whose mangled name matches."""
+def _sass(function_pattern, arch):
+    """{kernel name: its SASS} of fastattn._C's kernels built for `arch` (e.g. "sm_90a")
+    whose mangled name matches."""
     cuobjdump = shutil.which("cuobjdump")
     if cuobjdump is None:
         pytest.skip("cuobjdump is not on PATH")
@@ -376,10 +377,14 @@ def _sass(function_pattern):
     dump = subprocess.run([cuobjdump, "--dump-sass", extension.__file__], capture_output=True, text=True,
                           check=True).stdout
     kernels = {}
-    for block in re.split(r"\n\s*Function : ", dump)[1:]:
-        name, _, body = block.partition("\n")
-        if re.search(function_pattern, name):
-            kernels[name.strip()] = body
+    sections = re.split(r"\n\s*code for (sm_\w+)", dump)
+    for section_arch, section in zip(sections[1::2], sections[2::2]):
+        if section_arch != arch:
+            continue
+        for block in re.split(r"\n\s*Function : ", section)[1:]:
+            name, _, body = block.partition("\n")
+            if re.search(function_pattern, name):
+                kernels[name.strip()] = body
     return kernels
 
 
@@ -387,8 +392,8 @@ def _sass(function_pattern):
 def test_gpu_sass_of_the_hopper_kernel_has_hgmma(cuda_backend):
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Hopper kernel is built and run for sm_90 only")
-    kernels = _sass(r"attention_fwd_kernel_sm90")
-    assert kernels, "no sm90 attention kernel in fastattn._C (is 9.0a in TORCH_CUDA_ARCH_LIST?)"
+    kernels = _sass(r"attention_fwd_kernel_sm90", "sm_90a")
+    assert kernels, "no sm_90a build of the Hopper kernel in fastattn._C (is 9.0a in TORCH_CUDA_ARCH_LIST?)"
     for name, body in kernels.items():
         assert "HGMMA" in body, f"{name}: no HGMMA instruction"
         assert "UTMALDG" in body or "UBLKCP" in body, f"{name}: no TMA load"
@@ -396,7 +401,8 @@ def test_gpu_sass_of_the_hopper_kernel_has_hgmma(cuda_backend):
 
 @gpu
 def test_gpu_sass_of_the_sm80_kernels_has_hmma_and_ldsm(cuda_backend):
-    kernels = _sass(r"attention_(fwd|bwd_dq|bwd_dkdv)_kernel_sm80")
-    assert kernels, "no sm80 attention kernel in fastattn._C"
+    arch = "sm_90a" if torch.cuda.get_device_capability() == (9, 0) else "sm_80"  # the cubin this device runs
+    kernels = _sass(r"attention_(fwd|bwd_dq|bwd_dkdv)_kernel_sm80", arch)
+    assert kernels, f"no {arch} build of the sm80 attention kernels in fastattn._C"
     for name, body in kernels.items():
         assert "HMMA" in body and "LDSM" in body and "LDGSTS" in body, f"{name}: no mma.sync/ldmatrix/cp.async"
