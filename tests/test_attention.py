@@ -312,7 +312,8 @@ def test_dropout_follows_torch_manual_seed():
 @needs_triton
 def test_any_strides_without_copies():
     """Transposed (b, s, h, d) views, a sliced head_dim and an expanded (stride 0) output
-    gradient give bitwise what contiguous inputs give; dq/dk/dv keep the inputs' layout."""
+    gradient give bitwise what contiguous inputs give; dq/dk/dv come back contiguous, as
+    the registered op's fake promises (torch.compile checks it)."""
     b, h, hk, sq, sk, d = 2, 2, 1, 21, 23, 32
     q_bshd = R(b, sq, h, d)
     k_bshd = R(b, sk, hk, d)
@@ -330,8 +331,7 @@ def test_any_strides_without_copies():
     assert torch.equal(out, out_c) and torch.equal(lse, lse_c)
     for grad, grad_c in zip(grads, grads_c):
         assert torch.equal(grad, grad_c)
-    assert grads[0].stride() == q.stride() and grads[1].stride() == k.stride()  # dense views keep their layout
-    assert grads[2].is_contiguous()  # v is not dense: its gradient is allocated contiguous
+    assert all(grad.is_contiguous() for grad in grads)
 
 
 @needs_triton

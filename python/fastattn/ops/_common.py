@@ -1,4 +1,4 @@
-"""Pieces shared by the op files: backend tables, gradients by recompute, seeded RNG."""
+"""Pieces shared by the op files: backend tables, result layouts, placeholders, seeded RNG."""
 
 from __future__ import annotations
 
@@ -18,6 +18,11 @@ class BackendTable:
     `backend`). A backend absent from `forward` is reported as "no <backend>
     implementation of <op> yet"; `limits(backend, call)` adds the per-call reasons
     (dtype, head_dim, option ...). New kernels plug in by adding entries.
+
+    Every result of every op is contiguous, whatever the inputs' strides: the fake
+    ops allocate contiguous tensors and torch.compile checks the real strides against
+    them (inductor lays out a custom op's outputs from its fake on inputs whose
+    strides it may choose itself, so a result that follows an input's layout breaks).
     """
 
     def __init__(self, op: str, forward: dict, backward: dict, limits: Callable[[str, object], Optional[str]]):
@@ -36,10 +41,9 @@ class BackendTable:
 
 
 class _ContiguousResults(dict):
-    """backend -> implementation, where each implementation's tensors come back
-    contiguous: the fake ops allocate contiguous outputs, and torch.compile checks
-    the real strides against them (a no-op for kernels that write contiguous tensors;
-    the reference math keeps the strides of a non-contiguous input)."""
+    """backend -> implementation, whose results come back contiguous (a no-op for
+    kernels that write contiguous tensors; the reference math keeps the strides of a
+    non-contiguous input)."""
 
     def __getitem__(self, backend: str):
         implementation = super().__getitem__(backend)
