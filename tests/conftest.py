@@ -1,12 +1,22 @@
-"""Test set-up: the Triton interpreter on machines without CUDA, markers, seeding.
+"""Test set-up: the Triton interpreter on machines without CUDA, markers, seeding,
+a private inductor cache.
 
 TRITON_INTERPRET must be set before triton is imported anywhere, so it is set here,
 at conftest import, from a check that does not import triton.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
-import torch
+# A fresh inductor cache per test run: cached compiled graphs are keyed on the graph,
+# not on a custom op's fake implementation, so an old cache can replay stale strides.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastattn-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], True)
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
