@@ -35,10 +35,6 @@ class FfnCall:
     activation: str
 
 
-def no_limits(backend: str, call: FfnCall) -> Optional[str]:
-    return None
-
-
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
