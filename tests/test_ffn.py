@@ -20,16 +20,14 @@ import torch
 import fastattn
 from fastattn import reference
 from fastattn.ops import ffn as ffn_op
-from helpers import ATOL, GRAD_FACTOR, assert_within_naive_error, backends_of
+from ffn_cases import (
+    ACTIVATIONS, FFN, GPU, SHAPES, TRITON_DEVICE, as_leaves, check_against_reference, check_compiled_matches_eager,
+    check_no_tokens, check_recompute_matches_saved, run,
+)
+from helpers import ATOL, backends_of
 
+OP = FFN
 BACKENDS = backends_of(ffn_op.BACKENDS)
-ACTIVATIONS = reference.ACTIVATIONS
-GRAD_NAMES = ("x", "w1", "b1", "w2", "b2")
-# (tokens, d_model, d_hidden, d_out): odd sizes, none a multiple of the interpreter's tile
-SHAPES = [(1, 24, 40, 24), (7, 40, 136, 72), (33, 72, 96, 40), (100, 24, 136, 24)]
-GPU = torch.device("cuda")
-# where the triton backend runs in this session: the GPU, else the interpreter on CPU
-TRITON_DEVICE = GPU if torch.cuda.is_available() else torch.device("cpu")
 
 
 def make_inputs(tokens, d_model, d_hidden, d_out, *, bias=(True, True), device="cpu", lead=(), exact_hidden=False):
@@ -51,69 +49,31 @@ def make_inputs(tokens, d_model, d_hidden, d_out, *, bias=(True, True), device="
     return [x, w1, b1, w2, b2]
 
 
-def as_leaves(tensors, dtype):
-    return [None if t is None else t.detach().to(dtype).requires_grad_() for t in tensors]
-
-
-def run(fn, tensors, cotangent):
-    """fn(*tensors) and the gradients of <fn(...), cotangent> wrt the tensors (None stays None)."""
-    out = fn(*tensors)
-    present = [t for t in tensors if t is not None]
-    grads = iter(torch.autograd.grad(out, present, cotangent.to(out.dtype)))
-    return out, [None if t is None else next(grads) for t in tensors]
-
-
-def check_against_reference(inputs, dtype, backend, activation, recompute=False):
-    """Our output and gradients within the naive same-precision error of the float64 reference."""
-    ref_fn = lambda *t: reference.ffn(*t, activation_name=activation)  # noqa: E731
-    ref_out = reference.ffn(*as_leaves(inputs, torch.float64), activation_name=activation)
-    cotangent = torch.randn_like(ref_out)
-    ref_out, ref_grads = run(ref_fn, as_leaves(inputs, torch.float64), cotangent)
-    naive_out, naive_grads = run(ref_fn, as_leaves(inputs, dtype), cotangent)
-    ours_out, ours_grads = run(
-        lambda *t: fastattn.ffn(*t, activation=activation, recompute=recompute, backend=backend),
-        as_leaves(inputs, dtype), cotangent)
-    assert ours_out.dtype == dtype
-    assert_within_naive_error(ours_out, naive_out, ref_out, what=f"{backend} {activation} y")
-    for name, ours, naive, ref in zip(GRAD_NAMES, ours_grads, naive_grads, ref_grads):
-        assert (ours is None) == (ref is None), name
-        if ref is not None:
-            assert ours.dtype == dtype
-            assert_within_naive_error(ours, naive, ref, factor=GRAD_FACTOR, what=f"{backend} {activation} d{name}")
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_every_activation_and_gradient(backend, dtype, activation):
     shape = SHAPES[1 + ACTIVATIONS.index(activation) % 3]
-    check_against_reference(make_inputs(*shape, exact_hidden=activation == "relu"), dtype, backend, activation)
+    check_against_reference(OP, make_inputs(*shape, exact_hidden=activation == "relu"), dtype, backend, activation)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES[:1] + [(5, 40, 40, 40), (100, 72, 96, 72)], ids=str)
 def test_odd_sizes(backend, shape):
-    check_against_reference(make_inputs(*shape), torch.float32, backend, "gelu")
+    check_against_reference(OP, make_inputs(*shape), torch.float32, backend, "gelu")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bias", [(False, False), (True, False), (False, True)], ids=["none", "b1", "b2"])
 def test_optional_biases(backend, bias):
-    check_against_reference(make_inputs(33, 40, 96, 24, bias=bias), torch.float32, backend, "silu")
+    check_against_reference(OP, make_inputs(33, 40, 96, 24, bias=bias), torch.float32, backend, "silu")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_recompute_matches_saved_hidden(backend):
     """recompute=True keeps only x and recomputes H: same output, same gradients."""
-    inputs = make_inputs(33, 40, 96, 40)
-    cotangent = torch.randn(33, 40)
-    results = [run(lambda *t: fastattn.ffn(*t, activation="gelu_tanh", recompute=r, backend=backend),
-                   as_leaves(inputs, torch.float32), cotangent) for r in (False, True)]
-    (saved_out, saved_grads), (recomputed_out, recomputed_grads) = results
-    torch.testing.assert_close(recomputed_out, saved_out, rtol=0, atol=0)
-    for name, a, b in zip(GRAD_NAMES, recomputed_grads, saved_grads):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"d{name}")
-    check_against_reference(make_inputs(33, 40, 96, 40, exact_hidden=True), torch.float16, backend, "relu",
+    check_recompute_matches_saved(OP, make_inputs(33, 40, 96, 40), torch.randn(33, 40), "gelu_tanh", backend)
+    check_against_reference(OP, make_inputs(33, 40, 96, 40, exact_hidden=True), torch.float16, backend, "relu",
                             recompute=True)
 
 
@@ -155,19 +115,14 @@ def test_strided_inputs_and_stride_zero_gradient(backend):
     reference.ffn(*ref_leaves, activation_name="gelu").sum().backward()
     torch.testing.assert_close(y.double(), reference.ffn(*ref_leaves, activation_name="gelu").detach(),
                                rtol=1e-4, atol=1e-5)
-    for name, ours, ref in zip(GRAD_NAMES, leaves, ref_leaves):
+    for name, ours, ref in zip(OP.grad_names, leaves, ref_leaves):
         torch.testing.assert_close(ours.grad.double(), ref.grad, rtol=1e-4, atol=1e-4, msg=f"d{name}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_tokens(backend):
     """An empty batch: empty output, zero weight and bias gradients."""
-    leaves = as_leaves(make_inputs(0, 24, 40, 24), torch.float32)
-    y = fastattn.ffn(*leaves, backend=backend)
-    assert y.shape == (0, 24)
-    y.sum().backward()
-    for t in leaves[1:]:
-        assert torch.equal(t.grad, torch.zeros_like(t))
+    check_no_tokens(OP, make_inputs, backend)
 
 
 def test_bias_gradients_are_deterministic():
@@ -198,12 +153,7 @@ def test_compile_fullgraph_forward_and_backward(recompute):
     def fn(*t):
         return fastattn.ffn(*t, activation="silu", recompute=recompute, backend="triton")
 
-    eager_out, eager_grads = run(fn, as_leaves(inputs, torch.float32), cotangent)
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    out, grads = run(compiled, as_leaves(inputs, torch.float32), cotangent)
-    torch.testing.assert_close(out, eager_out)
-    for a, b in zip(grads, eager_grads):
-        torch.testing.assert_close(a, b)
+    check_compiled_matches_eager(fn, inputs, cotangent, compile_options=dict(backend="aot_eager"))
 
 
 def test_tf32_only_when_torch_allows_it():
@@ -229,7 +179,7 @@ def test_pinned_config_variable(monkeypatch):
     pinned = _config.ffn_pinned_config()
     assert pinned["BLOCK_M"] == 16 and pinned["BLOCK_K"] == 16
     assert pinned["num_warps"] == _config.FFN_DEFAULT["num_warps"]
-    check_against_reference(make_inputs(33, 40, 96, 40, device=TRITON_DEVICE), torch.float32, "triton", "gelu")
+    check_against_reference(OP, make_inputs(33, 40, 96, 40, device=TRITON_DEVICE), torch.float32, "triton", "gelu")
     for bad in ("BLOCK_M=48", "BLOCK_M=8", "BLOCK_Q=16", "num_warps=0", "BLOCK_M"):
         monkeypatch.setenv(_config.FFN_CONFIG_ENV, bad)
         with pytest.raises(ValueError, match=_config.FFN_CONFIG_ENV):
@@ -356,13 +306,13 @@ def test_kernels_compile_for_sm90_and_sm80():
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_gpu_matches_reference(dtype, activation):
     inputs = make_inputs(1000, 1024, 2816, 1000, device=GPU)
-    check_against_reference(inputs, dtype, "triton", activation)
+    check_against_reference(OP, inputs, dtype, "triton", activation)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(4097, 768, 3072, 768), (1, 4096, 11008, 4096), (333, 1000, 1000, 200)], ids=str)
 def test_gpu_large_and_odd_shapes_bf16(shape):
-    check_against_reference(make_inputs(*shape, device=GPU), torch.bfloat16, "triton", "gelu", recompute=True)
+    check_against_reference(OP, make_inputs(*shape, device=GPU), torch.bfloat16, "triton", "gelu", recompute=True)
 
 
 @pytest.mark.gpu
@@ -373,7 +323,8 @@ def test_gpu_tf32_follows_torch():
     try:
         for precision in ("ieee", "tf32"):
             matmul.fp32_precision = precision
-            check_against_reference(make_inputs(512, 1024, 4096, 1024, device=GPU), torch.float32, "triton", "gelu")
+            inputs = make_inputs(512, 1024, 4096, 1024, device=GPU)
+            check_against_reference(OP, inputs, torch.float32, "triton", "gelu")
     finally:
         matmul.fp32_precision = before
 
@@ -382,11 +333,6 @@ def test_gpu_tf32_follows_torch():
 def test_gpu_auto_prefers_triton_and_compiles():
     inputs = make_inputs(256, 512, 2048, 512, device=GPU)
     assert ffn_op.BACKENDS.resolve(None, GPU, ffn_op.FfnCall(torch.bfloat16, 512, 2048, "gelu")) in ("cuda", "triton")
-    leaves = as_leaves(inputs, torch.bfloat16)
     cotangent = torch.randn(256, 512, device=GPU)
-    fn = lambda *t: fastattn.ffn(*t, backend="triton")  # noqa: E731
-    eager = run(fn, leaves, cotangent)
-    compiled = run(torch.compile(fn, fullgraph=True), leaves, cotangent)
-    torch.testing.assert_close(compiled[0], eager[0])
-    for a, b in zip(compiled[1], eager[1]):
-        torch.testing.assert_close(a, b, atol=ATOL[torch.bfloat16], rtol=1.6e-2)
+    check_compiled_matches_eager(lambda *t: fastattn.ffn(*t, backend="triton"), inputs, cotangent,
+                                 dtype=torch.bfloat16, atol=ATOL[torch.bfloat16], rtol=1.6e-2)

@@ -15,16 +15,14 @@ import torch
 import fastattn
 from fastattn import reference
 from fastattn.ops import gated_ffn as gated_op
-from helpers import ATOL, GRAD_FACTOR, assert_within_naive_error, backends_of
+from ffn_cases import (
+    ACTIVATIONS, GATED_FFN, GPU, SHAPES, TRITON_DEVICE, as_leaves, check_against_reference,
+    check_compiled_matches_eager, check_no_tokens, check_recompute_matches_saved,
+)
+from helpers import ATOL, backends_of
 
+OP = GATED_FFN
 BACKENDS = backends_of(gated_op.BACKENDS)
-ACTIVATIONS = reference.ACTIVATIONS
-GRAD_NAMES = ("x", "w_gate", "w_up", "w_down")
-# (tokens, d_model, d_hidden, d_out): odd sizes, none a multiple of the interpreter's tile
-SHAPES = [(1, 24, 40, 24), (7, 40, 136, 72), (33, 72, 96, 40), (100, 24, 136, 24)]
-GPU = torch.device("cuda")
-# where the triton backend runs in this session: the GPU, else the interpreter on CPU
-TRITON_DEVICE = GPU if torch.cuda.is_available() else torch.device("cpu")
 
 
 def make_inputs(tokens, d_model, d_hidden, d_out, *, device="cpu", lead=(), exact_gate=False):
@@ -46,58 +44,25 @@ def make_inputs(tokens, d_model, d_hidden, d_out, *, device="cpu", lead=(), exac
     return [x, w_gate, w_up, w_down]
 
 
-def as_leaves(tensors, dtype):
-    return [t.detach().to(dtype).requires_grad_() for t in tensors]
-
-
-def run(fn, tensors, cotangent):
-    out = fn(*tensors)
-    return out, list(torch.autograd.grad(out, tensors, cotangent.to(out.dtype)))
-
-
-def check_against_reference(inputs, dtype, backend, activation, recompute=False):
-    """Our output and gradients within the naive same-precision error of the float64 reference."""
-    ref_fn = lambda *t: reference.gated_ffn(*t, activation_name=activation)  # noqa: E731
-    ref_out = ref_fn(*as_leaves(inputs, torch.float64))
-    cotangent = torch.randn_like(ref_out)
-    ref_out, ref_grads = run(ref_fn, as_leaves(inputs, torch.float64), cotangent)
-    naive_out, naive_grads = run(ref_fn, as_leaves(inputs, dtype), cotangent)
-    ours_out, ours_grads = run(
-        lambda *t: fastattn.gated_ffn(*t, activation=activation, recompute=recompute, backend=backend),
-        as_leaves(inputs, dtype), cotangent)
-    assert ours_out.dtype == dtype
-    assert_within_naive_error(ours_out, naive_out, ref_out, what=f"{backend} {activation} y")
-    for name, ours, naive, ref in zip(GRAD_NAMES, ours_grads, naive_grads, ref_grads):
-        assert ours.dtype == dtype
-        assert_within_naive_error(ours, naive, ref, factor=GRAD_FACTOR, what=f"{backend} {activation} d{name}")
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_every_activation_and_gradient(backend, dtype, activation):
     shape = SHAPES[1 + ACTIVATIONS.index(activation) % 3]
-    check_against_reference(make_inputs(*shape, exact_gate=activation == "relu"), dtype, backend, activation)
+    check_against_reference(OP, make_inputs(*shape, exact_gate=activation == "relu"), dtype, backend, activation)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES[:1] + [(5, 40, 40, 40), (100, 72, 96, 72)], ids=str)
 def test_odd_sizes(backend, shape):
-    check_against_reference(make_inputs(*shape), torch.float32, backend, "silu")
+    check_against_reference(OP, make_inputs(*shape), torch.float32, backend, "silu")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_recompute_matches_saved_pre_activations(backend):
     """recompute=True keeps only x and recomputes G and U: same output, same gradients."""
-    inputs = make_inputs(33, 40, 96, 40)
-    cotangent = torch.randn(33, 40)
-    results = [run(lambda *t: fastattn.gated_ffn(*t, activation="gelu", recompute=r, backend=backend),
-                   as_leaves(inputs, torch.float32), cotangent) for r in (False, True)]
-    (saved_out, saved_grads), (recomputed_out, recomputed_grads) = results
-    torch.testing.assert_close(recomputed_out, saved_out, rtol=0, atol=0)
-    for name, a, b in zip(GRAD_NAMES, recomputed_grads, saved_grads):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"d{name}")
-    check_against_reference(make_inputs(33, 40, 96, 40), torch.float16, backend, "silu", recompute=True)
+    check_recompute_matches_saved(OP, make_inputs(33, 40, 96, 40), torch.randn(33, 40), "gelu", backend)
+    check_against_reference(OP, make_inputs(33, 40, 96, 40), torch.float16, backend, "silu", recompute=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -136,18 +101,13 @@ def test_strided_inputs_and_stride_zero_gradient(backend):
     ref_out = reference.gated_ffn(*ref_leaves, activation_name="gelu_tanh")
     ref_out.sum().backward()
     torch.testing.assert_close(y.double(), ref_out.detach(), rtol=1e-4, atol=1e-5)
-    for name, ours, ref in zip(GRAD_NAMES, leaves, ref_leaves):
+    for name, ours, ref in zip(OP.grad_names, leaves, ref_leaves):
         torch.testing.assert_close(ours.grad.double(), ref.grad, rtol=1e-4, atol=1e-4, msg=f"d{name}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_tokens(backend):
-    leaves = as_leaves(make_inputs(0, 24, 40, 24), torch.float32)
-    y = fastattn.gated_ffn(*leaves, backend=backend)
-    assert y.shape == (0, 24)
-    y.sum().backward()
-    for t in leaves[1:]:
-        assert torch.equal(t.grad, torch.zeros_like(t))
+    check_no_tokens(OP, make_inputs, backend)
 
 
 @pytest.mark.parametrize("save_hidden", [True, False], ids=["saved", "recompute"])
@@ -168,12 +128,7 @@ def test_compile_fullgraph_forward_and_backward(recompute):
     def fn(*t):
         return fastattn.gated_ffn(*t, recompute=recompute, backend="triton")
 
-    eager_out, eager_grads = run(fn, as_leaves(inputs, torch.float32), cotangent)
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    out, grads = run(compiled, as_leaves(inputs, torch.float32), cotangent)
-    torch.testing.assert_close(out, eager_out)
-    for a, b in zip(grads, eager_grads):
-        torch.testing.assert_close(a, b)
+    check_compiled_matches_eager(fn, inputs, cotangent, compile_options=dict(backend="aot_eager"))
 
 
 def test_compile_with_inductor():
@@ -184,11 +139,7 @@ def test_compile_with_inductor():
     def fn(*t):
         return fastattn.gated_ffn(*t, backend="triton") * 2
 
-    eager_out, eager_grads = run(fn, as_leaves(inputs, torch.float32), cotangent)
-    out, grads = run(torch.compile(fn, fullgraph=True), as_leaves(inputs, torch.float32), cotangent)
-    torch.testing.assert_close(out, eager_out)
-    for a, b in zip(grads, eager_grads):
-        torch.testing.assert_close(a, b)
+    check_compiled_matches_eager(fn, inputs, cotangent)
 
 
 def test_triton_limits():
@@ -232,23 +183,18 @@ def test_bad_input(case):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_gpu_matches_reference(dtype, activation):
-    check_against_reference(make_inputs(1000, 1024, 2731, 1000, device=GPU), dtype, "triton", activation)
+    check_against_reference(OP, make_inputs(1000, 1024, 2731, 1000, device=GPU), dtype, "triton", activation)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(4097, 768, 2048, 768), (1, 4096, 11008, 4096), (333, 1000, 1000, 200)], ids=str)
 def test_gpu_large_and_odd_shapes_bf16(shape):
-    check_against_reference(make_inputs(*shape, device=GPU), torch.bfloat16, "triton", "silu", recompute=True)
+    check_against_reference(OP, make_inputs(*shape, device=GPU), torch.bfloat16, "triton", "silu", recompute=True)
 
 
 @pytest.mark.gpu
 def test_gpu_compiles():
     inputs = make_inputs(256, 512, 1365, 512, device=GPU)
-    leaves = as_leaves(inputs, torch.bfloat16)
     cotangent = torch.randn(256, 512, device=GPU)
-    fn = lambda *t: fastattn.gated_ffn(*t, backend="triton")  # noqa: E731
-    eager = run(fn, leaves, cotangent)
-    compiled = run(torch.compile(fn, fullgraph=True), leaves, cotangent)
-    torch.testing.assert_close(compiled[0], eager[0])
-    for a, b in zip(compiled[1], eager[1]):
-        torch.testing.assert_close(a, b, atol=ATOL[torch.bfloat16], rtol=1.6e-2)
+    check_compiled_matches_eager(lambda *t: fastattn.gated_ffn(*t, backend="triton"), inputs, cotangent,
+                                 dtype=torch.bfloat16, atol=ATOL[torch.bfloat16], rtol=1.6e-2)
