@@ -213,6 +213,22 @@ def _sequence_span(
     return start.to(tl.int64), tl.load(CuSeqlens + b + 1) - start
 
 
+@triton.jit
+def _head_slope(
+    Slopes,        # ALiBi slopes (heads,) or (batch, heads)
+    b,             # batch index
+    h,             # query head
+    stride_sb,
+    stride_sh,
+    HAS_ALIBI: tl.constexpr,
+):
+    """slope_bh as fp32 (0 without ALiBi)."""
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Slopes + b * stride_sb + h * stride_sh).to(tl.float32)
+    return slope
+
+
 # ----------------------------------------------------------------------------- forward
 
 
@@ -317,9 +333,7 @@ def _attention_fwd_kernel(
     K += b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
     V += b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
     Bias += b.to(tl.int64) * stride_biasb + h.to(tl.int64) * stride_biash
-    slope = 0.0
-    if HAS_ALIBI:
-        slope = tl.load(Slopes + b * stride_sb + h * stride_sh).to(tl.float32)
+    slope = _head_slope(Slopes, b, h, stride_sb, stride_sh, HAS_ALIBI)
 
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -427,6 +441,27 @@ def _attention_bwd_preprocess_kernel(
 
 
 @triton.jit
+def _dropout_replay(
+    p,             # P of the tile, any orientation
+    dp,            # fp32 tile of dO_i·v_j, oriented like p
+    rows,          # query indices i, broadcastable to p
+    cols,          # key indices j, broadcastable to p
+    seed,          # dropout Philox seed
+    bh,            # b * heads + h
+    dropout_p,     # drop probability
+    HAS_DROPOUT: tl.constexpr,
+):
+    """(P∘Z/(1 - dropout_p), (dO·v)∘Z/(1 - dropout_p)) of the tile, Z replayed from (seed, position);
+    (p, dp) unchanged without dropout."""
+    if HAS_DROPOUT:
+        keep = _dropout_keep(seed, bh, rows, cols, dropout_p)
+        keep_scale = 1.0 / (1.0 - dropout_p)
+        p = tl.where(keep, p * keep_scale, 0.0)
+        dp = tl.where(keep, dp * keep_scale, 0.0)
+    return p, dp
+
+
+@triton.jit
 def _attention_bwd_dkdv_inner(
     dk, dv,                    # (BLOCK_N, BLOCK_D), (BLOCK_N, BLOCK_DV) fp32 accumulators
     k, v,                      # (BLOCK_N, BLOCK_D), (BLOCK_N, BLOCK_DV) key / value tiles
@@ -462,13 +497,7 @@ def _attention_bwd_dkdv_inner(
         do = _load_tile(dO + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dok,
                         offs_m, seqlen_q, offs_dv, DV, MASKED, DV != BLOCK_DV)  # (BLOCK_M, BLOCK_DV)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], dropout_p)
-            keep_scale = 1.0 / (1.0 - dropout_p)
-            pd_t = tl.where(keep, p_t * keep_scale, 0.0)
-            dp_t = tl.where(keep, dp_t * keep_scale, 0.0)
-        else:
-            pd_t = p_t
+        pd_t, dp_t = _dropout_replay(p_t, dp_t, offs_m[None, :], offs_n[:, None], seed, bh, dropout_p, HAS_DROPOUT)
         dv += tl.dot(pd_t.to(do.dtype), do, input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         if HAS_SOFTCAP:
@@ -551,9 +580,7 @@ def _attention_bwd_dkdv_kernel(
         Lse2h = Lse2 + row
         Deltah = Delta + row
         Biash = Bias + b.to(tl.int64) * stride_biasb + h.to(tl.int64) * stride_biash
-        slope = 0.0
-        if HAS_ALIBI:
-            slope = tl.load(Slopes + b * stride_sb + h * stride_sh).to(tl.float32)
+        slope = _head_slope(Slopes, b, h, stride_sb, stride_sh, HAS_ALIBI)
         dk, dv = _attention_bwd_dkdv_inner(
             dk, dv, k, v, Qh, dOh, stride_qm, stride_qk, stride_dom, stride_dok, Lse2h, Deltah, Biash,
             stride_biasm, stride_biasn, offs_n, offs_d, offs_dv, lo, full_lo, seqlen_q, seqlen_k,
@@ -611,9 +638,7 @@ def _attention_bwd_dq_inner(
                        stride_bn, MASKED, HAS_SOFTCAP, HAS_ALIBI, BIAS_KIND)
         p = tl.math.exp2(x - lse2[:, None])
         dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], dropout_p)
-            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        _, dp = _dropout_replay(p, dp, offs_m[:, None], offs_n[None, :], seed, bh, dropout_p, HAS_DROPOUT)
         ds = p * (dp - delta[:, None])
         if HAS_SOFTCAP:
             ds = ds * (1.0 - t * t)
@@ -673,9 +698,7 @@ def _attention_bwd_dq_kernel(
     K += b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
     V += b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
     Bias += b.to(tl.int64) * stride_biasb + h.to(tl.int64) * stride_biash
-    slope = 0.0
-    if HAS_ALIBI:
-        slope = tl.load(Slopes + b * stride_sb + h * stride_sh).to(tl.float32)
+    slope = _head_slope(Slopes, b, h, stride_sb, stride_sh, HAS_ALIBI)
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -778,9 +801,7 @@ def _attention_bwd_dbias_kernel(
             Kh = K + b * stride_kb + kvh * stride_kh
             Vh = V + b * stride_vb + kvh * stride_vh
             Biash = Bias + b * stride_biasb + h * stride_biash
-            slope = 0.0
-            if HAS_ALIBI:
-                slope = tl.load(Slopes + b * stride_sb + h * stride_sh).to(tl.float32)
+            slope = _head_slope(Slopes, b, h, stride_sb, stride_sh, HAS_ALIBI)
             for tm in range(m_lo, m_hi):
                 offs_m = tm * BLOCK_M + tl.arange(0, BLOCK_M)
                 q = _load_tile(Qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk,
@@ -802,9 +823,7 @@ def _attention_bwd_dbias_kernel(
                                    stride_biasm, stride_biasn, True, HAS_SOFTCAP, HAS_ALIBI, 1)
                     p = tl.math.exp2(x - lse2[:, None])
                     dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
-                    if HAS_DROPOUT:
-                        keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], dropout_p)
-                        dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+                    _, dp = _dropout_replay(p, dp, offs_m[:, None], offs_n[None, :], seed, bh, dropout_p, HAS_DROPOUT)
                     acc += p * (dp - delta[:, None])
     dBias += pid_b.to(tl.int64) * stride_dbb + pid_h.to(tl.int64) * stride_dbh
     offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -74,6 +74,7 @@ def _tile_coords(
 @triton.jit
 def _mm_loop(
     acc,  # (BLOCK_M, BLOCK_N) fp32 accumulator, returned with A·B added
+    row_sum,  # (BLOCK_M,) fp32, returned with the row sums of A over K added if ROW_SUM (else as given)
     A,  # (M, K) left operand
     stride_am,
     stride_ak,
@@ -87,6 +88,7 @@ def _mm_loop(
     K,
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "tf32" or "ieee" (only matters for fp32 operands)
+    ROW_SUM: tl.constexpr,  # also sum the A tiles it loads along K (the bias gradient)
 ):
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = A + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
@@ -98,41 +100,8 @@ def _mm_loop(
         a = tl.load(a_ptrs, mask=rows_ok & (offs_k[None, :] < k_left), other=0.0)
         b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & cols_ok, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
-    return acc
-
-
-@triton.jit
-def _mm_loop_row_sum(
-    acc,  # (BLOCK_M, BLOCK_N) fp32 accumulator, returned with A·B added
-    row_sum,  # (BLOCK_M,) fp32, returned with the row sums of A over K added
-    A,  # (M, K) left operand
-    stride_am,
-    stride_ak,
-    B,  # (K, N) right operand
-    stride_bk,
-    stride_bn,
-    offs_m,  # (BLOCK_M,) rows of this tile
-    offs_n,  # (BLOCK_N,) columns of this tile
-    M,
-    N,
-    K,
-    BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """_mm_loop that also sums the A tiles it loads along K (the bias gradient)."""
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = A + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = B + offs_k[:, None] * stride_bk + offs_n[None, :].to(tl.int64) * stride_bn
-    rows_ok = offs_m[:, None] < M
-    cols_ok = offs_n[None, :] < N
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=rows_ok & (offs_k[None, :] < k_left), other=0.0)
-        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & cols_ok, other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        row_sum += tl.sum(a.to(tl.float32), axis=1)
+        if ROW_SUM:
+            row_sum += tl.sum(a.to(tl.float32), axis=1)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     return acc, row_sum
@@ -274,8 +243,8 @@ def _ffn_fwd_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = _mm_loop(acc, A, stride_am, stride_ak, B, stride_bk, stride_bn, offs_m, offs_n, M, N, K,
-                   BLOCK_K, DOT_PRECISION)
+    acc, _ = _mm_loop(acc, 0.0, A, stride_am, stride_ak, B, stride_bk, stride_bn,
+                      offs_m, offs_n, M, N, K, BLOCK_K, DOT_PRECISION, False)
     if HAS_BIAS:
         bias = tl.load(BIAS + offs_n * stride_bias, mask=offs_n < N, other=0.0)
         acc += bias.to(tl.float32)[None, :]
@@ -373,8 +342,8 @@ def _ffn_bwd_dact_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dact = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    dact = _mm_loop(dact, DY, stride_dym, stride_dyk, W, stride_wk, stride_wn, offs_m, offs_n, M, N, K,
-                    BLOCK_K, DOT_PRECISION)
+    dact, _ = _mm_loop(dact, 0.0, DY, stride_dym, stride_dyk, W, stride_wk, stride_wn,
+                       offs_m, offs_n, M, N, K, BLOCK_K, DOT_PRECISION, False)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     dact = dact.to(DPRE.dtype.element_ty)
     pre = tl.load(_tile_ptrs(PRE, stride_prem, stride_pren, offs_m, offs_n), mask=mask, other=0.0)
@@ -426,8 +395,8 @@ def _gated_ffn_bwd_dgated_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dprod = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    dprod = _mm_loop(dprod, DY, stride_dym, stride_dyk, W, stride_wk, stride_wn, offs_m, offs_n, M, N, K,
-                     BLOCK_K, DOT_PRECISION)
+    dprod, _ = _mm_loop(dprod, 0.0, DY, stride_dym, stride_dyk, W, stride_wk, stride_wn,
+                        offs_m, offs_n, M, N, K, BLOCK_K, DOT_PRECISION, False)
     dprod = dprod.to(DGATE.dtype.element_ty).to(tl.float32)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     gate = tl.load(_tile_ptrs(GATE, stride_gatem, stride_gaten, offs_m, offs_n), mask=mask, other=0.0)
@@ -482,18 +451,18 @@ def _ffn_bwd_gemm_kernel(
         # through; the branch picks between two branch-free loops.
         row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
         if pid_n == 0:
-            acc, row_sum = _mm_loop_row_sum(acc, row_sum, A1, stride_a1m, stride_a1k, B1, stride_b1k, stride_b1n,
-                                            offs_m, offs_n, M, N, K, BLOCK_K, DOT_PRECISION)
+            acc, row_sum = _mm_loop(acc, row_sum, A1, stride_a1m, stride_a1k, B1, stride_b1k, stride_b1n,
+                                    offs_m, offs_n, M, N, K, BLOCK_K, DOT_PRECISION, True)
             tl.store(ROW_SUM + offs_m, row_sum, mask=offs_m < M)
         else:
-            acc = _mm_loop(acc, A1, stride_a1m, stride_a1k, B1, stride_b1k, stride_b1n, offs_m, offs_n, M, N, K,
-                           BLOCK_K, DOT_PRECISION)
+            acc, _ = _mm_loop(acc, 0.0, A1, stride_a1m, stride_a1k, B1, stride_b1k, stride_b1n,
+                              offs_m, offs_n, M, N, K, BLOCK_K, DOT_PRECISION, False)
     else:
-        acc = _mm_loop(acc, A1, stride_a1m, stride_a1k, B1, stride_b1k, stride_b1n, offs_m, offs_n, M, N, K,
-                       BLOCK_K, DOT_PRECISION)
+        acc, _ = _mm_loop(acc, 0.0, A1, stride_a1m, stride_a1k, B1, stride_b1k, stride_b1n,
+                          offs_m, offs_n, M, N, K, BLOCK_K, DOT_PRECISION, False)
     if DUAL:
-        acc = _mm_loop(acc, A2, stride_a2m, stride_a2k, B2, stride_b2k, stride_b2n, offs_m, offs_n, M, N, K,
-                       BLOCK_K, DOT_PRECISION)
+        acc, _ = _mm_loop(acc, 0.0, A2, stride_a2m, stride_a2k, B2, stride_b2k, stride_b2n,
+                          offs_m, offs_n, M, N, K, BLOCK_K, DOT_PRECISION, False)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     tl.store(_tile_ptrs(C, stride_cm, stride_cn, offs_m, offs_n), acc.to(C.dtype.element_ty), mask=mask)
 
