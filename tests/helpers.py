@@ -15,6 +15,10 @@ import torch
 import fastattn
 from fastattn import backends
 
+# Tests of the Triton kernels run on the GPU where there is one (compiled kernels), else
+# on CPU (the Triton interpreter).
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 FACTOR = 2.0
 GRAD_FACTOR = 3.0
 ATOL = {
@@ -61,6 +65,23 @@ def backends_of(table, device: torch.device = torch.device("cpu")) -> list[str]:
     ]
 
 
+def R(*shape: int) -> torch.Tensor:
+    """Normal random numbers on DEVICE (never zeros: they hide unwritten outputs)."""
+    return torch.randn(*shape, device=DEVICE)
+
+
+def U(*shape: int) -> torch.Tensor:
+    """Uniform [0, 1) random numbers on DEVICE."""
+    return torch.rand(*shape, device=DEVICE)
+
+
+def pin_config_on_gpu(monkeypatch, env: str, config: str) -> None:
+    """On a real GPU, pin the Triton config `config` in the variable `env` so tests that
+    do not pin one themselves skip per-case autotuning (the interpreter needs none)."""
+    if DEVICE.type == "cuda" and not backends.triton_interpreter_on():
+        monkeypatch.setenv(env, config)
+
+
 def leaves(*tensors: Optional[torch.Tensor]):
     """Detached copies that require grad (None stays None)."""
     return [None if t is None else t.detach().clone().requires_grad_(t.is_floating_point()) for t in tensors]
@@ -73,5 +94,5 @@ def grads(outputs, inputs, cotangent):
     return [next(found) if t is not None and t.requires_grad else None for t in inputs]
 
 
-__all__ = ["fastattn", "FACTOR", "GRAD_FACTOR", "ATOL", "assert_within_naive_error", "backends_of",
+__all__ = ["fastattn", "DEVICE", "R", "U", "pin_config_on_gpu", "FACTOR", "GRAD_FACTOR", "ATOL", "assert_within_naive_error", "backends_of",
            "leaves", "grads", "max_error"]

@@ -21,10 +21,9 @@ import torch
 import fastattn
 from fastattn import backends, reference
 from fastattn.ops import decode_attention as decode_op
-from helpers import assert_within_naive_error, backends_of
+from helpers import DEVICE, R, U, assert_within_naive_error, backends_of
 
 CONFIG_ENV = "FASTATTN_DECODE_ATTENTION_CONFIG"
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 HAS_TRITON = "triton" in backends_of(decode_op.BACKENDS, DEVICE)
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed or TRITON_INTERPRET is off")
 # On a GPU, tests that do not autotune on purpose use this config (no tuning per case).
@@ -42,14 +41,6 @@ def _pin(monkeypatch, config: str = "") -> None:
 @pytest.fixture(autouse=True)
 def _pinned_config_on_gpu(monkeypatch):
     _pin(monkeypatch)
-
-
-def R(*shape):
-    return torch.randn(*shape, device=DEVICE)
-
-
-def U(*shape):
-    return torch.rand(*shape, device=DEVICE)
 
 
 def _caches(batch, kv_heads, capacity, head_dim, page_size=None, head_dim_v=None, device=DEVICE, spare_pages=3):

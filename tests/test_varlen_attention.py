@@ -27,10 +27,9 @@ import fastattn
 from fastattn import backends, reference
 from fastattn.ops import varlen_attention as varlen_op
 from fastattn.ops._common import draw_rng_seed
-from helpers import FACTOR, GRAD_FACTOR, assert_within_naive_error, backends_of
+from helpers import DEVICE, R, U, FACTOR, GRAD_FACTOR, assert_within_naive_error, backends_of, pin_config_on_gpu
 
 CONFIG_ENV = "FASTATTN_ATTENTION_CONFIG"
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 HAS_TRITON = "triton" in backends_of(varlen_op.BACKENDS, DEVICE)
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed or TRITON_INTERPRET is off")
 # On a GPU, tests that do not pin a config themselves use this one (no autotuning per case).
@@ -39,16 +38,7 @@ GPU_TEST_CONFIG = "BLOCK_M=32,BLOCK_N=32,num_warps=4,num_stages=1"
 
 @pytest.fixture(autouse=True)
 def _pinned_config_on_gpu(monkeypatch):
-    if DEVICE.type == "cuda" and not backends.triton_interpreter_on():
-        monkeypatch.setenv(CONFIG_ENV, GPU_TEST_CONFIG)
-
-
-def R(*shape):
-    return torch.randn(*shape, device=DEVICE)
-
-
-def U(*shape):
-    return torch.rand(*shape, device=DEVICE)
+    pin_config_on_gpu(monkeypatch, CONFIG_ENV, GPU_TEST_CONFIG)
 
 
 def _kernels():
