@@ -52,6 +52,8 @@ CASES = {
     "attention alibi shape": (attention_case(alibi_slopes=R(3)), ValueError, r"alibi_slopes must have shape \(heads,\)"),
     "attention alibi 3-D": (attention_case(alibi_slopes=R(2, 4, 1)), ValueError, "alibi_slopes must be 1 or 2-D"),
     "attention device mismatch": (attention_case(attn_bias=torch.empty(5, 6, device="meta")), ValueError, "attn_bias is on meta"),
+    "attention alibi device": (attention_case(alibi_slopes=torch.empty(4, device="meta")), ValueError, "alibi_slopes is on meta but q is on cpu"),
+    "varlen cu device": (lambda: fastattn.varlen_attention(R(5, 4, 8), R(6, 2, 8), R(6, 2, 8), cu(0, 5).to("meta"), cu(0, 6), 5, 6), ValueError, "cu_seqlens_q is on meta but q is on cpu"),
     # scaled_dot_product_attention
     "sdpa mask and causal": (lambda: fastattn.scaled_dot_product_attention(*qkv(hk=4), attn_mask=R(5, 6), is_causal=True), ValueError, "attn_mask and is_causal"),
     "sdpa gqa without flag": (lambda: fastattn.scaled_dot_product_attention(*qkv()), ValueError, "enable_gqa=True"),

@@ -61,6 +61,13 @@ def same_device(**named: Optional[Tensor]) -> torch.device:
     return first.device
 
 
+def on_device(device: torch.device, **named: Optional[Tensor]) -> None:
+    """Each given tensor lives on `device` (the device of q)."""
+    for name, t in named.items():
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device} but q is on {device}; all tensors must be on one device")
+
+
 def same_dtype(**named: Optional[Tensor]) -> torch.dtype:
     """All given tensors share one dtype; returns it."""
     present = {name: t for name, t in named.items() if t is not None}

@@ -326,7 +326,7 @@ def check_alibi_slopes(alibi_slopes: object, batch: int, heads: int, device) -> 
     if slopes is not None:
         expected = (heads,) if slopes.dim() == 1 else (batch, heads)
         check.shape("alibi_slopes", slopes, expected, "(heads,)" if slopes.dim() == 1 else "(batch, heads)")
-        check.same_device(q=torch.empty(0, device=device), alibi_slopes=slopes)
+        check.on_device(device, alibi_slopes=slopes)
     return slopes
 
 

@@ -194,7 +194,7 @@ def _check_new_kv(k_new, v_new, k_cache, v_cache, batch, q_len, device) -> None:
     check.tensor("k_new", k_new, ndim=4)
     check.tensor("v_new", v_new, ndim=4)
     check.same_dtype(k_cache=k_cache, k_new=k_new, v_new=v_new)
-    check.same_device(q=torch.empty(0, device=device), k_new=k_new, v_new=v_new)
+    check.on_device(device, k_new=k_new, v_new=v_new)
     kv_heads = k_cache.shape[1]
     check.shape("k_new", k_new, (batch, kv_heads, q_len, k_cache.shape[-1]), "(batch, kv_heads, q_len, head_dim)")
     check.shape("v_new", v_new, (batch, kv_heads, q_len, v_cache.shape[-1]),

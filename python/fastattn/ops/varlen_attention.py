@@ -180,7 +180,7 @@ def _check_cu_seqlens(name: str, cu_seqlens: object, device) -> Tensor:
     cu = check.tensor(name, cu_seqlens, ndim=1, dtypes=(torch.int32,))
     if cu.shape[0] < 1:
         raise ValueError(f"{name} must have batch + 1 >= 1 entries, got shape {tuple(cu.shape)}")
-    check.same_device(q=torch.empty(0, device=device), **{name: cu})
+    check.on_device(device, **{name: cu})
     return cu
 
 
