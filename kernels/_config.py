@@ -16,6 +16,55 @@ import triton
 
 
 # ============================================================================
+# common: the interpreter, the autotune switch, the target architecture
+# ============================================================================
+#
+# Without FASTATTN_AUTOTUNE=1 every launch uses one default config per key, looked up
+# from the per-op tables below by arch family (sm80: Ampere/Ada, sm90: Hopper and newer),
+# so that a first call compiles exactly one variant. FASTATTN_TRITON_ARCH (e.g. "90")
+# overrides the device's compute capability when picking configs: the ahead-of-time
+# compile check (fastattn.kernels.aot) uses it to pick the configs of a GPU that is not
+# there.
+
+AUTOTUNE_ENV = "FASTATTN_AUTOTUNE"
+TARGET_ARCH_ENV = "FASTATTN_TRITON_ARCH"
+
+
+def interpreted() -> bool:
+    """Whether Triton runs under its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def autotune_enabled() -> bool:
+    """Whether launches autotune (FASTATTN_AUTOTUNE=1; never under the interpreter)."""
+    value = os.environ.get(AUTOTUNE_ENV, "0").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{AUTOTUNE_ENV} must be 0 or 1; got {value!r}")
+    return value == "1" and not interpreted()
+
+
+def target_arch(device=None) -> int:
+    """Compute capability as major*10 + minor (90 for an H100/H200) of `device` (a torch
+    device, or None for the current one), or FASTATTN_TRITON_ARCH when set."""
+    text = os.environ.get(TARGET_ARCH_ENV, "").strip()
+    if text:
+        if not text.isdigit() or int(text) < 80:
+            raise ValueError(f"{TARGET_ARCH_ENV} must be a compute capability like 80 or 90 (>= 80); got {text!r}")
+        return int(text)
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def arch_family(arch: int) -> str:
+    """The config-table family of compute capability `arch`: "sm80" (8.x) or "sm90" (9.0 and newer)."""
+    if arch < 80:
+        raise ValueError(f"fastattn's Triton kernels need compute capability 8.0 or newer; got {arch}")
+    return "sm90" if arch >= 90 else "sm80"
+
+
+# ============================================================================
 # layer_norm / rms_norm (kernels/layer_norm.py; one kernel pair and one space for both)
 # ============================================================================
 #
@@ -85,7 +134,7 @@ def layer_norm_prune(backward: bool):
 
 def layer_norm_default(block_n: int, single_pass: bool, backward: bool) -> dict:
     """The config used without tuning (interpreter, or keys a pinned config leaves out)."""
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpreted():
         rows = max(1, min(_LAYER_NORM_ROWS[-1], LAYER_NORM_INTERPRETER_TILE // block_n))
         return {"ROWS": rows if single_pass else 1, "num_warps": 4}
     max_tile = LAYER_NORM_MAX_TILE[backward]
@@ -119,8 +168,7 @@ def layer_norm_launch_config(hidden: int, backward: bool) -> tuple[int, Optional
     block_n = layer_norm_block_n(hidden, backward)
     if pinned is not None and "BLOCK_N" in pinned:
         block_n = min(triton.next_power_of_2(hidden), pinned["BLOCK_N"])
-    interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    if pinned is None and not interpreted:
+    if pinned is None and not interpreted():
         return block_n, None
     config = layer_norm_default(block_n, block_n >= hidden, backward)
     config.update({k: v for k, v in (pinned or {}).items() if k != "BLOCK_N"})
@@ -212,7 +260,7 @@ def ffn_pinned_config() -> Optional[dict]:
     FFN_INTERPRETER_CONFIG under the interpreter, or None to autotune."""
     text = os.environ.get(FFN_CONFIG_ENV, "").strip()
     if not text:
-        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        if interpreted():
             return dict(FFN_INTERPRETER_CONFIG)
         return None
     pinned = dict(FFN_DEFAULT)
@@ -324,7 +372,7 @@ def attention_pinned_config() -> Optional[dict]:
     autotune."""
     text = os.environ.get(ATTENTION_CONFIG_ENV, "").strip()
     if not text:
-        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        if interpreted():
             return dict(ATTENTION_INTERPRETER_CONFIG)
         return None
     pinned = dict(ATTENTION_DEFAULT)
@@ -377,10 +425,6 @@ _DECODE_ATTENTION_SPACE = dict(BLOCK_N=(32, 64, 128), num_warps=(4, 8), num_stag
 _DECODE_ATTENTION_KEYS = ("BLOCK_N", "NUM_SPLITS", "num_warps", "num_stages")
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def decode_attention_block_m(rows: int) -> int:
     """Query rows per program for `rows` = group·q_len rows per kv head (>= 16 for tl.dot)."""
     return min(DECODE_ATTENTION_MAX_BLOCK_M, max(16, triton.next_power_of_2(rows)))
@@ -430,7 +474,7 @@ def decode_attention_num_splits(programs: int, keys: int, sm_count: int) -> int:
     """Splits of the cache so that programs · splits fills sm_count SMs, each split at
     least DECODE_ATTENTION_MIN_SPLIT_KEYS long. `programs` = batch · kv_heads · row
     blocks, `keys` = the most keys one sequence attends to."""
-    min_keys = DECODE_ATTENTION_INTERPRETER_MIN_SPLIT_KEYS if _interpreted() else DECODE_ATTENTION_MIN_SPLIT_KEYS
+    min_keys = DECODE_ATTENTION_INTERPRETER_MIN_SPLIT_KEYS if interpreted() else DECODE_ATTENTION_MIN_SPLIT_KEYS
     wanted = -(-sm_count * DECODE_ATTENTION_PROGRAMS_PER_SM // max(1, programs))
     return max(1, min(wanted, -(-keys // min_keys), DECODE_ATTENTION_MAX_SPLITS))
 
@@ -462,8 +506,8 @@ def decode_attention_launch_config(programs: int, keys: int, sm_count: Optional[
     pinned = decode_attention_pinned() or {}
     sms = DECODE_ATTENTION_INTERPRETER_SMS if sm_count is None else sm_count
     num_splits = pinned.pop("NUM_SPLITS", None) or decode_attention_num_splits(programs, keys, sms)
-    if not pinned and not _interpreted():
+    if not pinned and not interpreted():
         return num_splits, None
-    config = dict(DECODE_ATTENTION_INTERPRETER_CONFIG if _interpreted() else DECODE_ATTENTION_DEFAULT)
+    config = dict(DECODE_ATTENTION_INTERPRETER_CONFIG if interpreted() else DECODE_ATTENTION_DEFAULT)
     config.update(pinned)
     return num_splits, config
