@@ -8,8 +8,10 @@ This folder sits at the root of the source tree, so wherever that root is on sys
 (`python -m pytest`, `python -c` run there) it could also be imported as a top-level
 package `kernels`, shadowing Hugging Face's `kernels` package, which transformers
 imports. It is never that package: imported under a top-level name, this file hands the
-import over to the package of that name found on the rest of sys.path, or raises
-ModuleNotFoundError as if this folder were not there.
+import over to the package of that name found on the rest of sys.path or, where there
+is none, leaves what the folder would be without this file: an empty namespace package
+(PEP 420; no __file__, no submodules), which transformers' probe takes for "not
+installed".
 """
 
 if "." not in __name__:
@@ -23,11 +25,11 @@ if "." not in __name__:
                   if not isinstance(entry, str) or _os.path.realpath(entry or _os.curdir) != _tree_root]
     _spec = _machinery.PathFinder.find_spec(__name__, _elsewhere)
     if _spec is None or _spec.loader is None:
-        raise ModuleNotFoundError(
-            f"No module named {__name__!r} (fastattn's {_os.path.dirname(_os.path.realpath(__file__))} is not a "
-            f"top-level package: import fastattn.kernels)", name=__name__)
+        _spec = _machinery.ModuleSpec(__name__, None, is_package=True)
+        _spec.submodule_search_locations = []
     # The import system returns what sys.modules holds under the name once this file has
-    # run: the other package, executed here in its place.
+    # run: the other package (executed here in its place) or the empty namespace package.
     _module = _util.module_from_spec(_spec)
     _sys.modules[__name__] = _module
-    _spec.loader.exec_module(_module)
+    if _spec.loader is not None:
+        _spec.loader.exec_module(_module)
