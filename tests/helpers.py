@@ -146,6 +146,26 @@ def check_prerequisites(item) -> None:
         require(triton_missing_reason())
 
 
+# ----------------------------------------------------------------------------- tile-edge sweeps
+
+# Loop bounds and masks computed from a size modulo a tile width (how many tiles, which
+# are whole, where the tail starts) go wrong at one residue only when they are off by
+# one. The tile-edge sweeps pin small tiles and take the size through every residue,
+# not a few lucky sizes.
+
+
+def all_residues(block: int) -> list[int]:
+    """0 .. 2·block: every residue modulo `block` in two periods (clamps at 0 act in the
+    first only)."""
+    return list(range(2 * block + 1))
+
+
+def every_residue_once(block: int) -> list[int]:
+    """Each residue modulo `block` once: the even ones from the first period, the odd ones
+    from the second (for sweeps too costly to take twice)."""
+    return [r if r % 2 == 0 else r + block for r in range(block)]
+
+
 def R(*shape: int) -> torch.Tensor:
     """Normal random numbers on DEVICE (never zeros: they hide unwritten outputs)."""
     return torch.randn(*shape, device=DEVICE)
@@ -178,4 +198,4 @@ def grads(outputs, inputs, cotangent):
 __all__ = ["fastattn", "DEVICE", "R", "U", "pin_config_on_gpu", "FACTOR", "GRAD_FACTOR", "ATOL", "assert_within_naive_error", "backends_of",
            "leaves", "grads", "max_error", "FORWARD_IS_REFERENCE", "forward_is_reference", "in_ci",
            "missing_prerequisite", "require", "require_module", "triton_missing_reason", "requires_triton",
-           "check_prerequisites"]
+           "check_prerequisites", "all_residues", "every_residue_once"]
