@@ -1,5 +1,6 @@
 """Test set-up: the Triton interpreter on machines without CUDA, markers, seeding,
-a private inductor cache.
+a private inductor cache, and the prerequisite check (helpers.check_prerequisites: a
+test that needs Triton skips where it is missing, and fails instead under CI=true).
 
 TRITON_INTERPRET must be set before triton is imported anywhere, so it is set here,
 at conftest import, from a check that does not import triton.
@@ -22,6 +23,18 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
+import helpers  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "requires_triton: runs the triton backend on tests/helpers.DEVICE (skipped where Triton is "
+                   "missing; fails under CI=true)")
+
+
+def pytest_runtest_setup(item):
+    helpers.check_prerequisites(item)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -12,7 +12,7 @@ import torch
 
 import fastattn
 from fastattn import reference
-from helpers import GRAD_FACTOR, assert_within_naive_error
+from helpers import GRAD_FACTOR, assert_within_naive_error, forward_is_reference
 
 ACTIVATIONS = reference.ACTIVATIONS
 # (tokens, d_model, d_hidden, d_out): odd sizes, none a multiple of the interpreter's tile
@@ -59,7 +59,8 @@ def check_against_reference(op: FfnOp, inputs, dtype, backend, activation, recom
         lambda *t: op.public(*t, activation=activation, recompute=recompute, backend=backend),
         as_leaves(inputs, dtype), cotangent)
     assert ours_out.dtype == dtype
-    assert_within_naive_error(ours_out, naive_out, ref_out, what=f"{backend} {activation} y")
+    if not forward_is_reference(backend):  # the naive forward is naive_out itself: only its backward is checked
+        assert_within_naive_error(ours_out, naive_out, ref_out, what=f"{backend} {activation} y")
     for name, ours, naive, ref in zip(op.grad_names, ours_grads, naive_grads, ref_grads):
         assert (ours is None) == (ref is None), name
         if ref is not None:
@@ -97,3 +98,38 @@ def check_compiled_matches_eager(fn, inputs, cotangent, dtype=torch.float32, com
     torch.testing.assert_close(out, eager_out)
     for a, b in zip(grads, eager_grads):
         torch.testing.assert_close(a, b, **grad_tolerance)
+
+
+# Tile edges: every GEMM here masks the tails of M, N and K against its tiles and counts
+# tiles with cdiv (kernels/ffn.py). The sweep pins 16×16×16 tiles (groups of 2 tile rows)
+# and takes each size of (tokens, d_model, d_hidden, d_out) through every residue modulo
+# 16 once, each size in its own order (residue a·r + b for r = 0..15, a odd), one tile or
+# two, so that every GEMM of the forward and the backward meets every residue of its M, N
+# and K (tokens is M forward and K for the weight gradients; d_hidden is N, then K, ...).
+EDGE_BLOCK = 16
+EDGE_CONFIG = f"BLOCK_M={EDGE_BLOCK},BLOCK_N={EDGE_BLOCK},BLOCK_K={EDGE_BLOCK},GROUP_M=2"
+EDGE_ORDERS = ((1, 0), (5, 3), (3, 7), (7, 1))  # (a, b) of tokens, d_model, d_hidden, d_out
+
+
+def edge_shapes() -> list[tuple[int, int, int, int]]:
+    shapes = []
+    for r in range(EDGE_BLOCK):
+        sizes = []
+        for i, (a, b) in enumerate(EDGE_ORDERS):
+            size = (a * r + b) % EDGE_BLOCK + EDGE_BLOCK * ((r + i) % 2)
+            sizes.append(size or EDGE_BLOCK)
+        shapes.append(tuple(sizes))
+    return shapes
+
+
+def edge_failures(check) -> list[str]:
+    """check(shape) for each of edge_shapes(); the shapes that fail, each with its error."""
+    failures = []
+    for shape in edge_shapes():
+        try:
+            check(shape)
+        except AssertionError as error:
+            residues = "/".join(str(size % EDGE_BLOCK) for size in shape)
+            failures.append(f"(tokens, d_model, d_hidden, d_out) = {shape} (≡ {residues} mod {EDGE_BLOCK}): "
+                            f"{str(error).splitlines()[0]}")
+    return failures

@@ -8,8 +8,12 @@ Gradients get GRAD_FACTOR.
 
 from __future__ import annotations
 
-from typing import Optional
+import importlib
+import os
+from types import ModuleType
+from typing import NoReturn, Optional
 
+import pytest
 import torch
 
 import fastattn
@@ -58,11 +62,108 @@ def assert_within_naive_error(
 
 
 def backends_of(table, device: torch.device = torch.device("cpu")) -> list[str]:
-    """The concrete backends an op implements that can run on `device` here."""
+    """The concrete backends an op implements that can run on `device` here. The triton
+    backend is listed on DEVICE's type even where Triton is missing, so that its cases
+    are collected and then skip, or fail under CI (check_prerequisites), instead of
+    vanishing from the run."""
     return [
         name for name in backends.CONCRETE_BACKENDS
-        if name in table.forward and backends.backend_unavailable_reason(name, device) is None
+        if name in table.forward and (backends.backend_unavailable_reason(name, device) is None
+                                      or (name == "triton" and device.type == DEVICE.type))
     ]
+
+
+# ----------------------------------------------------------------------------- forward checks
+
+# The naive backend's forward IS reference.<op> run in the call's dtype, which is what the
+# checks compare with ("naive" in assert_within_naive_error): checking its forward would
+# compare the reference with itself. Its backward (the explicit formulas of
+# reference.<op>_backward) still meets autograd through the float64 reference.
+FORWARD_IS_REFERENCE = ("naive",)
+
+
+def forward_is_reference(backend: str) -> bool:
+    """Whether `backend`'s forward is the reference itself (no forward check to make)."""
+    return backend in FORWARD_IS_REFERENCE
+
+
+# ----------------------------------------------------------------------------- prerequisites
+
+# A test that cannot run because a package, tool or header is missing skips on a
+# developer's machine and FAILS in CI (CI=true, as CI services set it): CI installs
+# everything the tests need, so there a skip would only hide tests that never ran. Every
+# skip for a missing prerequisite goes through missing_prerequisite. Skips that are
+# expected (gpu tests without a GPU, a backend that cannot serve a device) stay skips.
+CI_ENV = "CI"
+
+
+def in_ci() -> bool:
+    """Whether this is a CI run (CI=true or 1)."""
+    return os.environ.get(CI_ENV, "").strip().lower() in ("true", "1", "yes")
+
+
+def missing_prerequisite(reason: str) -> NoReturn:
+    """Skip the calling test for `reason` (what is missing), or fail it under CI."""
+    if in_ci():
+        pytest.fail(f"missing prerequisite ({CI_ENV}=true: a missing prerequisite fails, it does not skip): "
+                    f"{reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def require(reason: Optional[str]) -> None:
+    """missing_prerequisite(reason) unless reason is None (nothing missing)."""
+    if reason is not None:
+        missing_prerequisite(reason)
+
+
+def require_module(name: str) -> ModuleType:
+    """The imported module `name`; missing_prerequisite if it cannot be imported
+    (pytest.importorskip that fails under CI)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        missing_prerequisite(f"{name} cannot be imported: {error}")
+
+
+def triton_missing_reason() -> Optional[str]:
+    """Why the triton backend cannot run on DEVICE (not installed; on a machine without
+    a GPU, TRITON_INTERPRET off), or None."""
+    return backends.backend_unavailable_reason("triton", DEVICE)
+
+
+# Marks a test that runs the triton backend on DEVICE. Tests parametrized with
+# backend="triton" need no mark: check_prerequisites sees the parameter.
+requires_triton = pytest.mark.requires_triton
+
+
+def check_prerequisites(item) -> None:
+    """conftest.py's pytest_runtest_setup: a test marked requires_triton or parametrized
+    with backend="triton" needs the triton backend on DEVICE."""
+    callspec = getattr(item, "callspec", None)
+    runs_triton = item.get_closest_marker("requires_triton") is not None or (
+        callspec is not None and callspec.params.get("backend") == "triton")
+    if runs_triton:
+        require(triton_missing_reason())
+
+
+# ----------------------------------------------------------------------------- tile-edge sweeps
+
+# Loop bounds and masks computed from a size modulo a tile width (how many tiles, which
+# are whole, where the tail starts) go wrong at one residue only when they are off by
+# one. The tile-edge sweeps pin small tiles and take the size through every residue,
+# not a few lucky sizes.
+
+
+def all_residues(block: int) -> list[int]:
+    """0 .. 2·block: every residue modulo `block` in two periods (clamps at 0 act in the
+    first only)."""
+    return list(range(2 * block + 1))
+
+
+def every_residue_once(block: int) -> list[int]:
+    """Each residue modulo `block` once: the even ones from the first period, the odd ones
+    from the second (for sweeps too costly to take twice)."""
+    return [r if r % 2 == 0 else r + block for r in range(block)]
 
 
 def R(*shape: int) -> torch.Tensor:
@@ -95,4 +196,6 @@ def grads(outputs, inputs, cotangent):
 
 
 __all__ = ["fastattn", "DEVICE", "R", "U", "pin_config_on_gpu", "FACTOR", "GRAD_FACTOR", "ATOL", "assert_within_naive_error", "backends_of",
-           "leaves", "grads", "max_error"]
+           "leaves", "grads", "max_error", "FORWARD_IS_REFERENCE", "forward_is_reference", "in_ci",
+           "missing_prerequisite", "require", "require_module", "triton_missing_reason", "requires_triton",
+           "check_prerequisites", "all_residues", "every_residue_once"]

@@ -24,14 +24,17 @@ import fastattn
 from fastattn import backends, reference
 from fastattn.ops import attention as attention_op
 from fastattn.ops._common import draw_rng_seed
-from helpers import DEVICE, R, U, GRAD_FACTOR, assert_within_naive_error, backends_of, pin_config_on_gpu
+from helpers import (
+    DEVICE, R, U, GRAD_FACTOR, all_residues, assert_within_naive_error, backends_of, every_residue_once,
+    forward_is_reference, pin_config_on_gpu, require_module, requires_triton,
+)
 
 CONFIG_ENV = "FASTATTN_ATTENTION_CONFIG"
 # The tests below run on the GPU where there is one (the Triton kernels compiled), else on
 # CPU (the Triton kernels in the interpreter).
 HERE_BACKENDS = backends_of(attention_op.BACKENDS, DEVICE)
-HAS_TRITON = "triton" in HERE_BACKENDS
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed or TRITON_INTERPRET is off")
+# Tests of the Triton kernels: skipped where Triton is missing, failed instead under CI=true.
+needs_triton = requires_triton
 # On a GPU, tests that do not pin a config themselves use this one (no autotuning per case).
 GPU_TEST_CONFIG = "BLOCK_M=32,BLOCK_N=32,num_warps=4,num_stages=1"
 
@@ -120,17 +123,23 @@ def check_attention(backend, q, k, v, *, attn_bias=None, dtype=torch.float32, wi
         torch.manual_seed(seed)
     got = _run(ours, _leaves(tensors, dtype), dout, dlse, bias_grad)
     assert got[0].dtype == dtype and got[0].shape == ref[0].shape
-    assert_within_naive_error(got[0], naive[0], ref[0], what="out")
-    if with_lse:
-        assert got[1].dtype == torch.float32
-        assert torch.equal(torch.isneginf(got[1]), torch.isneginf(ref[1])), "lse: -inf rows differ"
-        assert_within_naive_error(_finite(got[1]), _finite(naive[1]), _finite(ref[1]),
-                                  atol=1e-5, what="lse")
+    if not forward_is_reference(backend):  # the naive forward is `naive` itself: only its backward is checked
+        _check_forward(got[0], got[1] if with_lse else None, naive, ref)
     names = ("dq", "dk", "dv", "dbias")
     for name, ours_grad, naive_grad, ref_grad in zip(names, got[2], naive[2], ref[2]):
         assert torch.isfinite(ours_grad).all(), f"{name} is not finite"
         assert_within_naive_error(ours_grad, naive_grad, ref_grad, factor=GRAD_FACTOR, what=name)
     return got
+
+
+def _check_forward(out, lse, naive, ref):
+    """out (and lse unless None) within the naive error of the float64 reference;
+    naive and ref: (out, lse, ...) of the reference in the call's dtype and in float64."""
+    assert_within_naive_error(out, naive[0], ref[0], what="out")
+    if lse is not None:
+        assert lse.dtype == torch.float32
+        assert torch.equal(torch.isneginf(lse), torch.isneginf(ref[1])), "lse: -inf rows differ"
+        assert_within_naive_error(_finite(lse), _finite(naive[1]), _finite(ref[1]), atol=1e-5, what="lse")
 
 
 # ----------------------------------------------------------------------------- lengths, head dims, GQA
@@ -294,6 +303,10 @@ def test_dropout_follows_torch_manual_seed():
     different = fastattn.attention(q, k, v, dropout_p=0.5, backend="triton")
     assert torch.equal(first, again)
     assert not torch.equal(first, different)
+    # and at this shape, against the reference given the kernel's keep-mask
+    torch.manual_seed(3)
+    keep = _kernels().dropout_keep_mask(1, 2, 20, 24, 0.5, draw_rng_seed(), DEVICE)
+    check_attention("triton", q, k, v, dropout_p=0.5, dropout_mask=keep, seed=3)
 
 
 # ----------------------------------------------------------------------------- the Triton kernels
@@ -322,6 +335,7 @@ def test_any_strides_without_copies():
     for grad, grad_c in zip(grads, grads_c):
         assert torch.equal(grad, grad_c)
     assert all(grad.is_contiguous() for grad in grads)
+    check_attention("triton", q, k, v, causal=True, attn_bias=bias)  # the strided views against the reference
 
 
 @needs_triton
@@ -340,6 +354,10 @@ def test_backward_is_bitwise_deterministic():
     first, second = grads(), grads()
     for a, b_ in zip(first, second):
         assert torch.equal(a, b_)
+    torch.manual_seed(11)
+    keep = _kernels().dropout_keep_mask(b, h, sq, sk, 0.2, draw_rng_seed(), DEVICE)
+    check_attention("triton", q, k, v, attn_bias=bias, causal=True, dropout_p=0.2, dropout_mask=keep, seed=11,
+                    alibi_slopes=torch.full((h,), 0.1, device=DEVICE))
 
 
 @needs_triton
@@ -364,7 +382,7 @@ def test_bad_pinned_config_is_refused(monkeypatch):
 
 
 def test_autotune_space_is_pruned_per_head_dim_and_dtype():
-    pytest.importorskip("triton")
+    require_module("triton")
     from fastattn.kernels import _config
 
     for kind in ("fwd", "dkdv", "dq"):
@@ -406,6 +424,11 @@ def test_opcheck_with_every_option():
     bwd_args = (dout, torch.randn_like(lse), q, k, v, out, lse, bias, slopes, seed, 0.3, 4, 2, False, 3.0,
                 0.25, True, "triton")
     torch.library.opcheck(torch.ops.fastattn.attention_bwd.default, bwd_args)
+    # the same call against the reference (the keep-mask of the seed fastattn.attention draws)
+    torch.manual_seed(5)
+    keep = _kernels().dropout_keep_mask(b, h, sq, sk, 0.25, draw_rng_seed(), DEVICE)
+    check_attention("triton", q, k, v, attn_bias=bias, alibi_slopes=slopes, scale=0.3, window_size=(4, 2),
+                    softcap=3.0, dropout_p=0.25, dropout_mask=keep, seed=5)
 
 
 @needs_triton
@@ -430,6 +453,8 @@ def test_compile_fullgraph_forward_and_backward_with_options():
     torch.testing.assert_close(got, expected)
     for a, e in zip(compiled_in, eager):
         torch.testing.assert_close(a.grad, e.grad)
+    check_attention("triton", q, k, v, attn_bias=bias, causal=True, softcap=4.0, alibi_slopes=slopes,
+                    window_size=(7, -1))
 
 
 @needs_triton
@@ -535,6 +560,7 @@ def test_gpu_backward_is_bitwise_deterministic():
     first, second = grads(), grads()
     for a, b_ in zip(first, second):
         assert torch.equal(a, b_)
+    check_attention("triton", q, k, v, dtype=torch.bfloat16, attn_bias=bias, causal=True)
 
 
 @pytest.mark.gpu
@@ -548,3 +574,65 @@ def test_gpu_fp32_uses_ieee_dots(head_dim, monkeypatch):
 def test_backends_listed_here_are_the_ones_that_run():
     assert set(HERE_BACKENDS) <= set(backends.CONCRETE_BACKENDS)
     assert "naive" in HERE_BACKENDS and "torch" in HERE_BACKENDS
+
+
+# ----------------------------------------------------------------------------- tile edges
+#
+# The kernels sort each (query tile, key tile) pair into skipped, whole (run without the
+# visibility mask) and masked from bounds like ⌊(m0 + seqlen_k - seqlen_q + window_right
+# + 1) / BLOCK_N⌋·BLOCK_N (kernels/attention.py, _key_ranges and _query_ranges). An
+# off-by-one there shows only when seqlen_k - seqlen_q + window_right falls on one residue
+# modulo the tile, so these sweeps take seqlen_k - seqlen_q through every residue of pinned
+# 16×16 tiles. Forward: 0 .. 2·BLOCK_N (both periods: the clamps at 0 and at seqlen_k act
+# in the first), causal and window_right 3. Backward (three kernels, three times the
+# forward's cost): causal, every residue once, the even ones from the first period and the
+# odd ones from the second (test_varlen_attention.py sweeps a window on both sides, packed
+# into one call). One head, head_dim 16, 16 queries: the tile sort depends on the offset
+# only (m0 is a multiple of the tile), and every call costs interpreter time.
+
+EDGE_BLOCK = 16
+EDGE_CONFIG = f"BLOCK_M={EDGE_BLOCK},BLOCK_N={EDGE_BLOCK}"
+EDGE_SEQLEN_Q = 16
+EDGE_CASES = {  # name: (direction, window_size, values of seqlen_k - seqlen_q)
+    "forward-causal": ("forward", (-1, 0), all_residues(EDGE_BLOCK)),
+    "forward-right-3": ("forward", (-1, 3), all_residues(EDGE_BLOCK)),
+    "backward-causal": ("backward", (-1, 0), every_residue_once(EDGE_BLOCK)),
+}
+
+
+def check_attention_forward(backend, q, k, v, **options):
+    """fastattn.attention's out and lse against the float64 reference (no backward)."""
+    ref = reference.attention(q.double(), k.double(), v.double(), return_lse=True, **options)
+    naive = reference.attention(q, k, v, return_lse=True, **options)
+    out, lse = fastattn.attention(q, k, v, return_lse=True, backend=backend, **options)
+    _check_forward(out, lse, naive, ref)
+
+
+def tile_edge_failures(check, offsets, window) -> list[str]:
+    """check(q, k, v, window_size=window) for each seqlen_k - seqlen_q in `offsets`; the
+    offsets that fail, each with its error."""
+    failures = []
+    for offset in offsets:
+        q, k, v = _inputs(1, 1, 1, EDGE_SEQLEN_Q, EDGE_SEQLEN_Q + offset, 16)
+        try:
+            check(q, k, v, window_size=window)
+        except AssertionError as error:
+            residue = (offset + window[1]) % EDGE_BLOCK
+            failures.append(f"seqlen_k - seqlen_q = {offset} (+ window_right ≡ {residue} mod {EDGE_BLOCK}): "
+                            f"{str(error).splitlines()[0]}")
+    return failures
+
+
+@needs_triton
+@pytest.mark.parametrize("case", list(EDGE_CASES))
+def test_tile_edges_every_residue(case, monkeypatch):
+    monkeypatch.setenv(CONFIG_ENV, EDGE_CONFIG)
+    direction, window, offsets = EDGE_CASES[case]
+    if direction == "forward":
+        def check(q, k, v, **options):
+            check_attention_forward("triton", q, k, v, **options)
+    else:
+        def check(q, k, v, **options):
+            check_attention("triton", q, k, v, **options)
+    failures = tile_edge_failures(check, offsets, window)
+    assert not failures, "\n".join(failures)

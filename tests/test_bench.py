@@ -19,6 +19,7 @@ from fastattn.bench.spec import Provider, Skip
 from fastattn.bench.specs import attention as attention_spec
 from fastattn.bench.specs import norms as norms_spec
 from fastattn.bench.specs import get_spec
+from helpers import require
 
 TARGETS_KEYS = {"op", "mode", "provider", "shape", "dtype", "ms_p50", "ms_p20", "ms_p80", "fraction_of_ceiling",
                 "max_abs_err_vs_fp32", "device", "torch", "triton", "cuda", "git_commit", "date"}
@@ -362,8 +363,7 @@ def test_results_table_marks_statuses():
 
 def test_model_benchmark_or_its_skip_reason(tmp_path):
     spec = get_spec("model_train")
-    if spec.unavailable():
-        pytest.skip(spec.unavailable())
+    require(spec.unavailable())
     out = run_benchmarks(["model"], out=tmp_path, device=torch.device("cpu"), quick=True,
                          providers=["naive", "torch"], progress=False, plots=False, log=lambda line: None)
     rows = _read(out.jsonl)[1:]

@@ -15,6 +15,7 @@ and the SASS of the Hopper kernel (HGMMA).
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import pathlib
@@ -31,19 +32,36 @@ import torch
 import fastattn
 from fastattn import reference
 from fastattn.ops import attention as attention_op
-from helpers import GRAD_FACTOR, assert_within_naive_error
+from helpers import GRAD_FACTOR, assert_within_naive_error, missing_prerequisite
 from test_attention import _finite, _inputs, check_attention
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
 HARNESS = ROOT / "tests" / "cuda_emulation" / "attention_emulation.cpp"
+HOST_ONLY_HEADERS = ROOT / "tests" / "cuda_emulation" / "host_only"
 
 
 # ----------------------------------------------------------------------------- on CPU: the emulator
 
 
+def _pip_cuda_include_dirs():
+    """Include dirs of CUDA headers that pip packages carry: Triton's wheel
+    (triton/backends/nvidia/include) and NVIDIA's wheels that a CUDA torch depends on
+    (nvidia/<cuda_runtime or cuXX>/include), found without importing them."""
+    found = []
+    triton = importlib.util.find_spec("triton")
+    if triton is not None and triton.origin:
+        found.append(pathlib.Path(triton.origin).parent / "backends" / "nvidia" / "include")
+    nvidia = importlib.util.find_spec("nvidia")
+    if nvidia is not None:
+        for location in nvidia.submodule_search_locations or ():
+            found += sorted(pathlib.Path(location).glob("*/include"))
+    return found
+
+
 def _cuda_include_dir():
-    """A directory holding cuda_fp16.h (the CUDA toolkit's include dir), or None."""
+    """A directory holding cuda_fp16.h: the CUDA toolkit's include dir, else the headers of
+    a pip package (a machine with only pip packages still builds the emulator); or None."""
     candidates = [pathlib.Path(os.environ[name]) / "include" for name in ("CUDA_HOME", "CUDA_PATH")
                   if os.environ.get(name)]
     nvcc = shutil.which("nvcc")
@@ -57,19 +75,38 @@ def _cuda_include_dir():
         except (OSError, subprocess.SubprocessError):
             pass
     candidates += [pathlib.Path("/usr/local/cuda/include"), *pathlib.Path("/usr/local").glob("cuda-*/targets/*/include")]
+    candidates += _pip_cuda_include_dirs()
     return next((c for c in candidates if (c / "cuda_fp16.h").is_file()), None)
+
+
+def emulator_include_dirs(include: pathlib.Path) -> list[pathlib.Path]:
+    """The -I dirs for CUDA headers found in `include`: it, plus the host-only <nv/target>
+    (tests/cuda_emulation/host_only) when it comes without CCCL (Triton's wheel)."""
+    if (include / "nv" / "target").is_file():
+        return [include]
+    if (include / "cccl" / "nv" / "target").is_file():
+        return [include, include / "cccl"]
+    return [include, HOST_ONLY_HEADERS]
 
 
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
-    """The host build of the emulation harness (g++, the CUDA toolkit's headers only)."""
+    """The host build of the emulation harness (g++, CUDA's headers only). Without g++ or
+    cuda_fp16.h the emulator tests skip, and fail under CI=true."""
     compiler = shutil.which("g++")
     include = _cuda_include_dir()
-    if compiler is None or include is None:
-        pytest.skip("needs g++ and the CUDA toolkit's headers (cuda_fp16.h) to build the emulator")
-    binary = tmp_path_factory.mktemp("cuda_emulation") / "attention_emulation"
+    if compiler is None:
+        missing_prerequisite("g++ is not on PATH (it builds the CUDA emulator)")
+    if include is None:
+        missing_prerequisite("no cuda_fp16.h found (CUDA toolkit, triton/backends/nvidia/include or NVIDIA's "
+                             "pip wheels) to build the CUDA emulator")
+    return build_emulator(compiler, emulator_include_dirs(include), tmp_path_factory.mktemp("cuda_emulation"))
+
+
+def build_emulator(compiler: str, include_dirs, directory: pathlib.Path) -> pathlib.Path:
+    binary = directory / "attention_emulation"
     command = [compiler, "-std=c++20", "-O1", "-fno-strict-aliasing", "-Wall", "-Wno-unknown-pragmas",
-               f"-I{CSRC}", f"-I{include}", str(HARNESS), "-o", str(binary)]
+               f"-I{CSRC}", *(f"-I{d}" for d in include_dirs), str(HARNESS), "-o", str(binary)]
     build = subprocess.run(command, capture_output=True, text=True)
     assert build.returncode == 0, f"building the emulator failed:\n{' '.join(command)}\n{build.stderr[-4000:]}"
     return binary
@@ -356,7 +393,7 @@ def test_gpu_compute_sanitizer(forward_kernel, tool, tmp_path):
     compute-sanitizer; the forward is the device's own and, on sm90, the sm80 one too."""
     sanitizer = shutil.which("compute-sanitizer")
     if sanitizer is None:
-        pytest.skip("compute-sanitizer is not on PATH")
+        missing_prerequisite("compute-sanitizer is not on PATH")
     script = tmp_path / "run.py"
     script.write_text(SANITIZER_SCRIPT)
     env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
@@ -371,7 +408,7 @@ def _sass(function_pattern, arch):
     whose mangled name matches."""
     cuobjdump = shutil.which("cuobjdump")
     if cuobjdump is None:
-        pytest.skip("cuobjdump is not on PATH")
+        missing_prerequisite("cuobjdump is not on PATH")
     import fastattn._C as extension
 
     dump = subprocess.run([cuobjdump, "--dump-sass", extension.__file__], capture_output=True, text=True,

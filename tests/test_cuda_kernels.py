@@ -31,7 +31,7 @@ from fastattn.ops import ffn as ffn_op
 from fastattn.ops import gated_ffn as gated_ffn_op
 from fastattn.ops import layer_norm as layer_norm_op
 from fastattn.ops import rms_norm as rms_norm_op
-from helpers import GRAD_FACTOR, assert_within_naive_error
+from helpers import GRAD_FACTOR, assert_within_naive_error, missing_prerequisite
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 ACTIVATIONS = list(reference.ACTIVATIONS)
@@ -473,7 +473,7 @@ def test_compute_sanitizer_memcheck(tmp_path):
     that an access past a tensor's end leaves its own allocation)."""
     sanitizer = shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer"
     if not os.path.exists(sanitizer):
-        pytest.skip("compute-sanitizer is not installed")
+        missing_prerequisite("compute-sanitizer is not installed")
     script = tmp_path / "cuda_kernels_memcheck.py"
     script.write_text(SANITIZER_SCRIPT)
     env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1")

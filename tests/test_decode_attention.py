@@ -20,12 +20,13 @@ import torch
 
 import fastattn
 from fastattn import backends, reference
-from fastattn.ops import decode_attention as decode_op
-from helpers import DEVICE, R, U, assert_within_naive_error, backends_of
+from helpers import (
+    DEVICE, R, U, all_residues, assert_within_naive_error, every_residue_once, forward_is_reference, requires_triton,
+)
 
 CONFIG_ENV = "FASTATTN_DECODE_ATTENTION_CONFIG"
-HAS_TRITON = "triton" in backends_of(decode_op.BACKENDS, DEVICE)
-pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed or TRITON_INTERPRET is off")
+# Every test here runs the Triton kernels: skipped where Triton is missing, failed under CI=true.
+pytestmark = requires_triton
 # On a GPU, tests that do not autotune on purpose use this config (no tuning per case).
 GPU_TEST_CONFIG = "BLOCK_N=32,num_warps=4,num_stages=2"
 ON_GPU = DEVICE.type == "cuda" and not backends.triton_interpreter_on()
@@ -151,6 +152,7 @@ def test_any_strides_without_copies():
     expected = fastattn.decode_attention(q.contiguous(), k_cache.contiguous(), v_cache.contiguous(), seqlens,
                                          block_table=table, return_lse=True, backend="triton")
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    check_decode(q, k_cache, v_cache, seqlens, block_table=table)  # the strided views against the reference
 
 
 # ----------------------------------------------------------------------------- in-place append
@@ -166,22 +168,32 @@ def test_append_new_kv_in_place(backend, page_size):
     seqlens = _seqlens([3, 35])
     q = R(batch, heads, q_len, d)
     k_new, v_new = R(batch, kv_heads, q_len, d), R(batch, kv_heads, q_len, d)
-    expected_k, expected_v = k_cache.clone(), v_cache.clone()
-    for b, length in enumerate(seqlens.tolist()):
-        for t in range(q_len):
-            pos = length - q_len + t
-            if table is None:
-                expected_k[b, :, pos], expected_v[b, :, pos] = k_new[b, :, t], v_new[b, :, t]
-            else:
-                page = table[b, pos // page_size]
-                expected_k[page, :, pos % page_size] = k_new[b, :, t]
-                expected_v[page, :, pos % page_size] = v_new[b, :, t]
+    expected_k, expected_v = _appended(k_cache, v_cache, k_new, v_new, seqlens, table)
     out = fastattn.decode_attention(q, k_cache, v_cache, seqlens, block_table=table, k_new=k_new, v_new=v_new,
                                     backend=backend)
     assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
-    reference_out = reference.decode_attention(q.double(), expected_k.double(), expected_v.double(), seqlens,
-                                               block_table=table)
-    torch.testing.assert_close(out.double(), reference_out, atol=1e-5, rtol=1e-5)
+    if not forward_is_reference(backend):  # the naive output is the reference on the cache just checked
+        reference_out = reference.decode_attention(q.double(), expected_k.double(), expected_v.double(), seqlens,
+                                                   block_table=table)
+        torch.testing.assert_close(out.double(), reference_out, atol=1e-5, rtol=1e-5)
+
+
+def _appended(k_cache, v_cache, k_new, v_new, seqlens, block_table):
+    """Copies of the caches with k_new/v_new written at positions cache_seqlens - q_len ..
+    cache_seqlens - 1, position by position (independently of the kernels' append)."""
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    q_len = k_new.shape[2]
+    for b, length in enumerate(seqlens.tolist()):
+        for t in range(q_len):
+            pos = length - q_len + t
+            if block_table is None:
+                expected_k[b, :, pos], expected_v[b, :, pos] = k_new[b, :, t], v_new[b, :, t]
+            else:
+                page_size = k_cache.shape[2]
+                page = block_table[b, pos // page_size]
+                expected_k[page, :, pos % page_size] = k_new[b, :, t]
+                expected_v[page, :, pos % page_size] = v_new[b, :, t]
+    return expected_k, expected_v
 
 
 @pytest.mark.parametrize("bad,error,match", [
@@ -209,8 +221,11 @@ def test_opcheck_with_every_option(monkeypatch):
     k_cache, v_cache, table = _caches(2, 1, 32, 16, page_size=16)
     q = R(2, 2, 2, 16)
     seqlens = _seqlens([2, 27])
-    args = (q, k_cache, v_cache, seqlens, table, U(2, 2), 0.3, 20, 3.0, "triton")
+    slopes = U(2, 2)
+    args = (q, k_cache, v_cache, seqlens, table, slopes, 0.3, 20, 3.0, "triton")
     torch.library.opcheck(torch.ops.fastattn.decode_attention_fwd.default, args)
+    check_decode(q, k_cache, v_cache, seqlens, block_table=table, alibi_slopes=slopes, scale=0.3,
+                 window_size=(20, -1), softcap=3.0)
     append_args = (R(2, 1, 2, 16), R(2, 1, 2, 16), k_cache, v_cache, seqlens, table, "triton")
     torch.library.opcheck(torch.ops.fastattn.decode_attention_append.default, append_args)
 
@@ -233,6 +248,9 @@ def test_compile_fullgraph_with_append_and_lse():
     got = torch.compile(step, fullgraph=True, backend="aot_eager")(*compiled_caches)
     torch.testing.assert_close(got, expected)
     assert torch.equal(compiled_caches[0], eager_caches[0]) and torch.equal(compiled_caches[1], eager_caches[1])
+    appended = _appended(k_cache, v_cache, k_new, v_new, seqlens, table)
+    assert torch.equal(eager_caches[0], appended[0]) and torch.equal(eager_caches[1], appended[1])
+    check_decode(q, *eager_caches, seqlens, block_table=table, softcap=5.0)
 
 
 # ----------------------------------------------------------------------------- refusals and configs
@@ -320,7 +338,38 @@ def test_gpu_options_and_append(dtype):
                  softcap=30.0, alibi_slopes=torch.rand(4, 32, device="cuda"))
     k_new, v_new = (torch.randn(4, 4, 2, 128, device="cuda", dtype=dtype) for _ in range(2))
     k_c, v_c = k_cache.to(dtype), v_cache.to(dtype)
+    expected_k, expected_v = _appended(k_c, v_c, k_new, v_new, seqlens, table)  # before the op writes k_c, v_c
     out = fastattn.decode_attention(q.to(dtype), k_c, v_c, seqlens, block_table=table, k_new=k_new, v_new=v_new,
                                     backend="triton")
-    expected = fastattn.decode_attention(q.to(dtype), k_c, v_c, seqlens, block_table=table, backend="naive")
-    torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
+    assert torch.equal(k_c, expected_k) and torch.equal(v_c, expected_v)
+    ref_out = reference.decode_attention(q.double(), expected_k.double(), expected_v.double(), seqlens,
+                                         block_table=table)
+    naive_out = reference.decode_attention(q.to(dtype), expected_k, expected_v, seqlens, block_table=table)
+    assert_within_naive_error(out, naive_out, ref_out, what="out after the append")
+
+
+# ----------------------------------------------------------------------------- tile edges
+
+# The split-KV kernel cuts each sequence's keys into NUM_SPLITS ranges of whole BLOCK_N
+# tiles and runs the tiles every query sees whole without the mask: bounds computed from
+# L - q_len, L - 1 - window_left (L = cache_seqlens) modulo BLOCK_N and from the tile count
+# modulo NUM_SPLITS (kernels/decode.py). Each case is one call with one sequence per value
+# of L - q_len: with one split every residue of pinned 16-key tiles in two periods; with
+# several (a launch costs NUM_SPLITS times more) every residue once, over 1 to 3 tiles, so
+# the tile count also takes every residue modulo the splits.
+EDGE_BLOCK = 16
+EDGE_CASES = {  # name: (q_len, NUM_SPLITS, window_size, page_size or None, values of L - q_len)
+    "qlen3-one-split": (3, 1, (-1, -1), None, all_residues(EDGE_BLOCK)),
+    "qlen1-three-splits": (1, 3, (-1, -1), None, every_residue_once(EDGE_BLOCK)),
+    "qlen2-two-splits-window-20-paged5": (2, 2, (20, -1), 5, every_residue_once(EDGE_BLOCK)),
+}
+
+
+@pytest.mark.parametrize("case", list(EDGE_CASES))
+def test_tile_edges_every_residue(case, monkeypatch):
+    q_len, splits, window, page_size, offsets = EDGE_CASES[case]
+    _pin(monkeypatch, f"BLOCK_N={EDGE_BLOCK},NUM_SPLITS={splits}")
+    lengths = [q_len + offset for offset in offsets]
+    k_cache, v_cache, table = _caches(len(lengths), 1, max(lengths), 16, page_size)
+    q = R(len(lengths), 2, q_len, 16)
+    check_decode(q, k_cache, v_cache, _seqlens(lengths), block_table=table, window_size=window)

@@ -16,13 +16,14 @@ import fastattn
 from fastattn import reference
 from fastattn.ops import gated_ffn as gated_op
 from ffn_cases import (
-    ACTIVATIONS, GATED_FFN, GPU, SHAPES, TRITON_DEVICE, as_leaves, check_against_reference,
-    check_compiled_matches_eager, check_no_tokens, check_recompute_matches_saved,
+    ACTIVATIONS, EDGE_CONFIG, GATED_FFN, GPU, SHAPES, TRITON_DEVICE, as_leaves, check_against_reference,
+    check_compiled_matches_eager, check_no_tokens, check_recompute_matches_saved, edge_failures,
 )
-from helpers import ATOL, backends_of
+from helpers import ATOL, assert_within_naive_error, backends_of, forward_is_reference
 
 OP = GATED_FFN
 BACKENDS = backends_of(gated_op.BACKENDS)
+EDGE_CONFIG_ENV = "FASTATTN_FFN_CONFIG"
 
 
 def make_inputs(tokens, d_model, d_hidden, d_out, *, device="cpu", lead=(), exact_gate=False):
@@ -73,16 +74,19 @@ def test_registered_ops_pre_activations_and_placeholders(backend):
     y, gate, up = gated_op.gated_ffn_fwd(x, w_gate, w_up, w_down, "silu", True, backend)
     torch.testing.assert_close(gate, x @ w_gate.t())
     torch.testing.assert_close(up, x @ w_up.t())
-    torch.testing.assert_close(y, reference.gated_ffn(x, w_gate, w_up, w_down))
+    if not forward_is_reference(backend):
+        torch.testing.assert_close(y, reference.gated_ffn(x, w_gate, w_up, w_down))
     y2, gate0, up0 = gated_op.gated_ffn_fwd(x, w_gate, w_up, w_down, "silu", False, backend)
     assert gate0.shape == (0,) and up0.shape == (0,) and torch.equal(y2, y)
     dy = torch.randn_like(y)
     with_saved = gated_op.gated_ffn_bwd(dy, x, w_gate, w_up, w_down, gate, up, "silu", backend)
     recomputed = gated_op.gated_ffn_bwd(dy, x, w_gate, w_up, w_down, gate0, up0, "silu", backend)
-    expected = reference.gated_ffn_backward(dy, x, w_gate, w_up, w_down)
+    # autograd through the float64 reference (the naive and torch backward ARE reference.gated_ffn_backward)
+    leaves64 = as_leaves([x, w_gate, w_up, w_down], torch.float64)
+    expected = torch.autograd.grad(reference.gated_ffn(*leaves64), leaves64, dy.double())
     for a, b, ref in zip(with_saved, recomputed, expected):
         torch.testing.assert_close(a, b)
-        torch.testing.assert_close(a, ref, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.double(), ref, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -100,7 +104,8 @@ def test_strided_inputs_and_stride_zero_gradient(backend):
     ref_leaves = as_leaves(leaves, torch.float64)
     ref_out = reference.gated_ffn(*ref_leaves, activation_name="gelu_tanh")
     ref_out.sum().backward()
-    torch.testing.assert_close(y.double(), ref_out.detach(), rtol=1e-4, atol=1e-5)
+    if not forward_is_reference(backend):
+        torch.testing.assert_close(y.double(), ref_out.detach(), rtol=1e-4, atol=1e-5)
     for name, ours, ref in zip(OP.grad_names, leaves, ref_leaves):
         torch.testing.assert_close(ours.grad.double(), ref.grad, rtol=1e-4, atol=1e-4, msg=f"d{name}")
 
@@ -117,6 +122,8 @@ def test_opcheck_triton(save_hidden):
     y, gate, up = gated_op.gated_ffn_fwd(x, w_gate, w_up, w_down, "gelu", save_hidden, "triton")
     torch.library.opcheck(gated_op.gated_ffn_bwd,
                           (torch.randn_like(y), x, w_gate, w_up, w_down, gate, up, "gelu", "triton"))
+    check_against_reference(OP, [x, w_gate, w_up, w_down], torch.float32, "triton", "gelu",
+                            recompute=not save_hidden)
 
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recompute"])
@@ -129,6 +136,7 @@ def test_compile_fullgraph_forward_and_backward(recompute):
         return fastattn.gated_ffn(*t, recompute=recompute, backend="triton")
 
     check_compiled_matches_eager(fn, inputs, cotangent, compile_options=dict(backend="aot_eager"))
+    check_against_reference(OP, inputs, torch.float32, "triton", "silu", recompute=recompute)
 
 
 def test_compile_with_inductor():
@@ -140,6 +148,7 @@ def test_compile_with_inductor():
         return fastattn.gated_ffn(*t, backend="triton") * 2
 
     check_compiled_matches_eager(fn, inputs, cotangent)
+    check_against_reference(OP, inputs, torch.float32, "triton", "silu")
 
 
 def test_triton_limits():
@@ -198,3 +207,24 @@ def test_gpu_compiles():
     cotangent = torch.randn(256, 512, device=GPU)
     check_compiled_matches_eager(lambda *t: fastattn.gated_ffn(*t, backend="triton"), inputs, cotangent,
                                  dtype=torch.bfloat16, atol=ATOL[torch.bfloat16], rtol=1.6e-2)
+    check_against_reference(OP, inputs, torch.bfloat16, "triton", "silu")
+
+
+# ----------------------------------------------------------------------------- tile edges
+
+
+def test_tile_edges_every_residue_forward(monkeypatch):
+    """Every residue of M, N and K modulo pinned 16-wide tiles in the dual-accumulator
+    forward GEMM (ffn_cases.edge_shapes). Forward only: the backward's GEMMs are the
+    plain FFN's, which test_ffn.py sweeps forward and backward."""
+    monkeypatch.setenv(EDGE_CONFIG_ENV, EDGE_CONFIG)
+
+    def check(shape):
+        inputs = make_inputs(*shape, device=TRITON_DEVICE)
+        ref = OP.ref(*as_leaves(inputs, torch.float64), activation_name="silu")
+        naive = OP.ref(*inputs, activation_name="silu")
+        out = OP.public(*inputs, activation="silu", backend="triton")
+        assert_within_naive_error(out, naive, ref, what="y")
+
+    failures = edge_failures(check)
+    assert not failures, "\n".join(failures)

@@ -12,7 +12,7 @@ import fastattn.integrations.sdpa as sdpa_mod
 import fastattn.ops.attention as attention_op
 from fastattn.integrations import patch_sdpa
 from fastattn.integrations import transformers as fa_hf
-from helpers import backends_of
+from helpers import backends_of, require_module
 
 
 @pytest.fixture(autouse=True)
@@ -105,8 +105,8 @@ def test_patch_sdpa_nests_and_restores_on_error():
 
 @pytest.fixture
 def hf():
-    """The transformers package; its tests are skipped where it is not installed."""
-    return pytest.importorskip("transformers", reason="transformers is not installed")
+    """The transformers package; its tests skip where it is not installed (fail under CI=true)."""
+    return require_module("transformers")
 
 
 def hf_configs():
@@ -240,4 +240,40 @@ def test_register_without_transformers_says_what_is_missing(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_transformers)
     with pytest.raises(ImportError, match="needs transformers"):
+        fa_hf.register()
+
+
+def _fake_transformers(version, **attributes):
+    """A stand-in `transformers` module of `version`; a callable attribute named
+    `__getattr__` decides what `from transformers import X` finds."""
+    import types
+
+    module = types.ModuleType("transformers")
+    module.__version__ = version
+    for key, value in attributes.items():
+        setattr(module, key, value)
+    return module
+
+
+def test_register_reports_the_import_error_transformers_raised(monkeypatch):
+    """A transformers that fails while importing AttentionInterface (here as a shadowed
+    `kernels` package made it fail) is reported with that error, not as too old."""
+    import sys
+
+    def broken(name):
+        raise ImportError("cannot import name 'CUDAProperties' from 'kernels' (/repo/kernels/__init__.py)")
+
+    monkeypatch.setitem(sys.modules, "transformers", _fake_transformers("5.25.0", __getattr__=broken))
+    with pytest.raises(ImportError) as raised:
+        fa_hf.register()
+    message = str(raised.value)
+    assert "transformers 5.25.0" in message and "cannot import name 'CUDAProperties' from 'kernels'" in message
+    assert "or newer" not in message
+
+
+def test_register_names_a_transformers_too_old(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers", _fake_transformers("4.40.2"))
+    with pytest.raises(ImportError, match=r"AttentionInterface API \(4\.48 or newer\); this is transformers 4\.40\.2"):
         fa_hf.register()

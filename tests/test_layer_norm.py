@@ -18,7 +18,7 @@ import torch
 
 import fastattn
 from fastattn import reference
-from helpers import assert_within_naive_error, max_error
+from helpers import assert_within_naive_error, max_error, require_module
 from norm_cases import (
     CONFIG_ENV, LAYER_NORM, Flags, check_compile_fullgraph, check_opcheck, device_params, make_inputs, skip_unless_runs,
 )
@@ -29,6 +29,7 @@ from norm_cases import (  # noqa: F401
     test_strided_inputs_and_stride0_gradient, test_triton_backward_is_deterministic, test_triton_large_shapes_gpu,
     test_triton_looped_path_matches_float64_reference, test_triton_wide_rows_cpu,
 )
+from norm_cases import test_triton_tails_every_residue  # noqa: F401  (the tile-edge sweep)
 
 OP = LAYER_NORM
 ops = torch.ops.fastattn
@@ -123,7 +124,7 @@ def test_triton_bad_pinned_config_names_the_variable(value, monkeypatch):
 def test_config_space_serves_every_hidden_size():
     """For each hidden size the pruned space is small and non-empty, and every kept config
     fits the register budget (pure Python: no kernel runs)."""
-    _config = pytest.importorskip("fastattn.kernels._config")
+    _config = require_module("fastattn.kernels._config")
     space = _config.layer_norm_configs()
     for backward in (False, True):
         prune = _config.layer_norm_prune(backward)
@@ -196,7 +197,7 @@ def test_triton_kernels_compile_for_sm90_and_sm80():
     """Without a GPU: Triton compiles the norm kernels (both ops, both row layouts, with
     and without every option) to PTX for sm_90 and sm_80, with 128-bit global loads for
     contiguous rows: what the interpreter cannot check."""
-    pytest.importorskip("triton")
+    require_module("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_GPU], env=env, capture_output=True, text=True,
                           timeout=900)

@@ -24,7 +24,7 @@ from fastattn.ops import gated_ffn as gated_ffn_op
 from fastattn.ops import layer_norm as layer_norm_op
 from fastattn.ops import rms_norm as rms_norm_op
 from fastattn.ops import varlen_attention as varlen_op
-from helpers import GRAD_FACTOR, assert_within_naive_error, backends_of
+from helpers import GRAD_FACTOR, assert_within_naive_error, backends_of, forward_is_reference
 
 
 @dataclass
@@ -135,6 +135,15 @@ def _cases():
             for spec in SPECS for backend in backends_of(spec.module.BACKENDS)]
 
 
+def _reference_cases():
+    """_cases() less those with nothing to check against the reference: the naive
+    backend's forward is the reference itself, so it stays only where gradients meet
+    autograd (decode_attention has no backward)."""
+    return [pytest.param(spec, backend, id=f"{spec.name}-{backend}")
+            for spec in SPECS for backend in backends_of(spec.module.BACKENDS)
+            if not (forward_is_reference(backend) and not spec.differentiable)]
+
+
 def _prepare(inputs, dtype, spec):
     """Inputs cast to dtype; the differentiable ones become leaves requiring grad."""
     prepared = {}
@@ -154,7 +163,7 @@ def _output_and_grads(fn, inputs, spec, cotangent):
     return out, list(torch.autograd.grad(out, wanted, cotangent))
 
 
-@pytest.mark.parametrize("spec,backend", _cases())
+@pytest.mark.parametrize("spec,backend", _reference_cases())
 def test_matches_float64_reference(spec, backend):
     inputs = spec.make(2)
     reference64 = _prepare(inputs, torch.float64, spec)
@@ -165,7 +174,8 @@ def test_matches_float64_reference(spec, backend):
     ours_out, ours_grads = _output_and_grads(lambda i: spec.run(i, backend), _prepare(inputs, torch.float32, spec),
                                              spec, cotangent)
     assert ours_out.dtype == torch.float32
-    assert_within_naive_error(ours_out, naive_out, ref_out, what=f"{spec.name} output")
+    if not forward_is_reference(backend):  # the naive forward is naive_out itself
+        assert_within_naive_error(ours_out, naive_out, ref_out, what=f"{spec.name} output")
     for key, ours, naive, ref in zip(spec.differentiable, ours_grads, naive_grads, ref_grads):
         assert_within_naive_error(ours, naive, ref, factor=GRAD_FACTOR, what=f"{spec.name} d{key}")
 

@@ -23,6 +23,7 @@ from norm_cases import (  # noqa: F401
     test_strided_inputs_and_stride0_gradient, test_triton_backward_is_deterministic, test_triton_large_shapes_gpu,
     test_triton_looped_path_matches_float64_reference, test_triton_wide_rows_cpu,
 )
+from norm_cases import test_triton_tails_every_residue  # noqa: F401  (the tile-edge sweep)
 
 OP = RMS_NORM
 ops = torch.ops.fastattn

@@ -25,13 +25,15 @@ import torch
 
 import fastattn
 from fastattn import backends, reference
-from fastattn.ops import varlen_attention as varlen_op
 from fastattn.ops._common import draw_rng_seed
-from helpers import DEVICE, R, U, FACTOR, GRAD_FACTOR, assert_within_naive_error, backends_of, pin_config_on_gpu
+from helpers import (
+    DEVICE, R, U, FACTOR, GRAD_FACTOR, all_residues, assert_within_naive_error, every_residue_once, pin_config_on_gpu,
+    requires_triton,
+)
 
 CONFIG_ENV = "FASTATTN_ATTENTION_CONFIG"
-HAS_TRITON = "triton" in backends_of(varlen_op.BACKENDS, DEVICE)
-pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed or TRITON_INTERPRET is off")
+# Every test here runs the Triton kernels: skipped where Triton is missing, failed under CI=true.
+pytestmark = requires_triton
 # On a GPU, tests that do not pin a config themselves use this one (no autotuning per case).
 GPU_TEST_CONFIG = "BLOCK_M=32,BLOCK_N=32,num_warps=4,num_stages=1"
 
@@ -195,6 +197,7 @@ def test_a_packed_sequence_equals_the_dense_kernel_alone():
             return_lse=True, backend="triton", **options)
         assert torch.equal(out[rows_q], dense_out[0].transpose(0, 1))
         assert torch.equal(lse[:, rows_q], dense_lse[0])
+    check_varlen(lengths_q, lengths_k, 2, 1, 24, **options)
 
 
 def test_any_strides_without_copies():
@@ -214,6 +217,7 @@ def test_any_strides_without_copies():
     assert torch.equal(out, out_c) and torch.equal(lse, lse_c)
     for grad, grad_c in zip(grads, grads_c):
         assert torch.equal(grad, grad_c)
+    check_varlen(lengths, lengths, 2, 2, 16, causal=True)
 
 
 def test_pinned_tile_config(monkeypatch):
@@ -248,6 +252,11 @@ def test_opcheck_with_every_option():
     bwd_args = (torch.randn_like(out), torch.randn_like(lse), q, k, v, out, lse, cu_q, cu_k, 9, 7, slopes, seed,
                 *options)
     torch.library.opcheck(torch.ops.fastattn.varlen_attention_bwd.default, bwd_args)
+    # the same call against the reference (the keep-mask of the seed varlen_attention draws)
+    torch.manual_seed(5)
+    keep = _kernels().dropout_keep_mask(2, 1, 9, 7, 0.25, draw_rng_seed(), DEVICE)
+    check_varlen(lengths_q, lengths_k, 1, 1, 16, scale=0.3, window_size=(4, 2), softcap=3.0, dropout_p=0.25,
+                 alibi_slopes=slopes, keep=keep, seed=5)
 
 
 def test_compile_fullgraph_forward_and_backward_with_options():
@@ -272,6 +281,7 @@ def test_compile_fullgraph_forward_and_backward_with_options():
     torch.testing.assert_close(got, expected)
     for a, e in zip(compiled_in, eager):
         torch.testing.assert_close(a.grad, e.grad)
+    check_varlen(lengths_q, lengths_k, 1, 1, 16, causal=True, softcap=4.0, alibi_slopes=slopes, window_size=(7, -1))
 
 
 def test_triton_refuses_what_it_cannot_serve():
@@ -331,3 +341,22 @@ def test_gpu_options(dtype):
     lengths_q, lengths_k = [300, 0, 129], [257, 40, 500]
     _gpu_check(lengths_q, lengths_k, 8, 1, 96, dtype, window_size=(64, 16), softcap=20.0,
                alibi_slopes=torch.rand(3, 8, device="cuda"))
+
+
+# ----------------------------------------------------------------------------- tile edges
+
+# test_attention.py's tile-edge sweep in packed form: one sequence per value of
+# seqlen_k - seqlen_q (16 queries each, pinned 16×16 tiles), so that one call takes the
+# per-sequence tile bounds through every residue modulo the tile, forward and backward.
+EDGE_BLOCK = 16
+EDGE_CASES = {  # name: (window_size, values of seqlen_k - seqlen_q)
+    "causal": ((-1, 0), all_residues(EDGE_BLOCK)),
+    "left-30-right-3": ((30, 3), every_residue_once(EDGE_BLOCK)),
+}
+
+
+@pytest.mark.parametrize("case", list(EDGE_CASES))
+def test_tile_edges_every_residue(case, monkeypatch):
+    monkeypatch.setenv(CONFIG_ENV, f"BLOCK_M={EDGE_BLOCK},BLOCK_N={EDGE_BLOCK}")
+    window, offsets = EDGE_CASES[case]
+    check_varlen([16] * len(offsets), [16 + offset for offset in offsets], 1, 1, 16, window_size=window)

@@ -17,6 +17,7 @@ no repeat). This module imports transformers only inside its functions.
 
 from __future__ import annotations
 
+import re
 from typing import Callable, Optional
 
 import torch
@@ -87,16 +88,44 @@ def make_attention_forward(backend: Optional[str] = None) -> Callable:
     return attention_forward
 
 
-def register(name: str = DEFAULT_NAME, *, backend: Optional[str] = None) -> None:
-    """Make attn_implementation=`name` run fastattn.attention (on `backend`; None = the
-    current default at call time). Needs the transformers package."""
+MIN_TRANSFORMERS = (4, 48)  # the first release with AttentionInterface
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """(major, minor) of a version string like "4.47.1" or "5.0.0.dev0"; () if unreadable."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match[1]), int(match[2])) if match else ()
+
+
+def _attention_interface():
+    """transformers.AttentionInterface, or an ImportError that says why not: transformers
+    missing, too old, or failing to import (the error it raised, not a version guess)."""
+    try:
+        import transformers
+    except ImportError as error:
+        raise ImportError(
+            f"fastattn.integrations.transformers.register() needs transformers, which cannot be imported: {error}"
+        ) from error
+    version = getattr(transformers, "__version__", "unknown")
     try:
         from transformers import AttentionInterface
     except ImportError as error:
+        release = _release(version)
+        if release and release < MIN_TRANSFORMERS:
+            raise ImportError(
+                f"fastattn.integrations.transformers.register() needs transformers with the AttentionInterface "
+                f"API ({'.'.join(map(str, MIN_TRANSFORMERS))} or newer); this is transformers {version}"
+            ) from error
         raise ImportError(
-            "fastattn.integrations.transformers.register() needs transformers with the "
-            "AttentionInterface API (4.48 or newer)"
+            f"importing AttentionInterface from transformers {version} failed: {type(error).__name__}: {error}"
         ) from error
+    return AttentionInterface
+
+
+def register(name: str = DEFAULT_NAME, *, backend: Optional[str] = None) -> None:
+    """Make attn_implementation=`name` run fastattn.attention (on `backend`; None = the
+    current default at call time). Needs the transformers package."""
+    AttentionInterface = _attention_interface()
     AttentionInterface.register(name, make_attention_forward(backend))
     try:
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
