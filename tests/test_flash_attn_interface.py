@@ -220,6 +220,24 @@ def test_flash_attn_varlen_func(causal, window, softcap, alibi):
         close(lse[:, rows_q], expected_lse)
 
 
+def test_flash_attn_varlen_passes_the_tensors_through(monkeypatch):
+    """varlen_attention takes flash-attn's packed layout: the very tensors go through."""
+    seen = {}
+    real = fai.varlen_attention
+
+    def spy(*args, **kwargs):
+        seen["args"] = args
+        seen["result"] = real(*args, **kwargs)
+        return seen["result"]
+
+    monkeypatch.setattr(fai, "varlen_attention", spy)
+    q, cu = _packed([3, 4], 4, 8)
+    k, v = rand(7, 2, 8), rand(7, 2, 8)
+    out = fastattn.flash_attn_varlen_func(q, k, v, cu, cu, 4, 4, causal=True)
+    assert all(a is b for a, b in zip(seen["args"], (q, k, v, cu, cu, 4, 4)))
+    assert out is seen["result"]
+
+
 def test_flash_attn_varlen_packed_and_paged():
     lengths = [6, 2, 9]
     qkv, cu = _packed(lengths, 3 * 4, 8)

@@ -54,10 +54,8 @@ def resolve_device(text: str, option: str = "--device") -> torch.device:
         device = torch.device(text)
     except RuntimeError:
         raise UsageError(f"{option} {text!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cpu":
-        return device
     if device.type != "cuda":
-        raise UsageError(f"{option} {text}: only cpu and cuda devices are supported")
+        return device
     if torch.version.cuda is None:
         raise UsageError(f"{option} {text}: this torch ({torch.__version__}) is a CPU build; install a CUDA build "
                          f"of torch or use {option} cpu")
