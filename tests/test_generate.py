@@ -9,6 +9,7 @@ import fastattn.ops.decode_attention as decode_op
 from fastattn import generate as gen
 from fastattn import train as train_mod
 from fastattn.models import GPT, TransformerConfig
+from fastattn.models.tokenizer import ByteTokenizer
 from helpers import backends_of
 
 
@@ -95,12 +96,37 @@ def test_filters_and_sampling():
         gen.sample_next(logits, top_p=0)
 
 
-def test_cache_capacity_limit_for_learned_positions():
-    model = GPT(TINY)
-    idx = torch.randint(0, 256, (1, TINY.max_seq_len - 4))
-    with pytest.raises(ValueError, match="max_seq_len"):
-        gen.generate(model, idx, 10)
-    assert gen.generate(model, idx, 10, use_cache=False, temperature=0).shape == (1, TINY.max_seq_len + 6)
+@pytest.mark.parametrize("prompt_len,new,page_size", [(12, 30, 0), (21, 25, 4), (3, 16, 0)])
+def test_generation_past_the_context_slides_a_window(prompt_len, new, page_size):
+    """Learned positions end at max_seq_len (16 here): with the cache, generation goes
+    on past it (it used to raise), each token sampled from the context
+    windowed_contexts names, which recomputing without the cache confirms."""
+    config = TINY.replace(max_seq_len=16)
+    model = GPT(config).double()
+    for p in model.parameters():  # spread the logits: greedy choices are not near-ties
+        if p.dim() == 2:
+            torch.nn.init.normal_(p, std=0.3)
+    idx = torch.randint(0, 256, (2, prompt_len))
+    out = gen.generate(model, idx, new, temperature=0, page_size=page_size)
+    assert out.shape == (2, prompt_len + new) and torch.equal(out[:, :prompt_len], idx)
+    contexts = gen.windowed_contexts(prompt_len, new, config.max_seq_len)
+    assert all(end - start <= config.max_seq_len for start, end in contexts)
+    assert contexts[-1][0] > 0  # the window has moved
+    model.eval()
+    for step, (start, end) in enumerate(contexts):
+        expected = model(out[:, start:end])[0][:, -1].argmax(-1)
+        assert torch.equal(out[:, prompt_len + step], expected), step
+    # Without the cache the window slides by one every step (nanoGPT's crop).
+    cropped = gen.generate(model, idx, new, temperature=0, use_cache=False)
+    assert cropped.shape == out.shape
+
+
+def test_printing_escapes_control_bytes():
+    ids = list("ok\tfine\n".encode()) + [27, ord("["), ord("2"), ord("J"), 0, 0xFF, ByteTokenizer.EOS] + \
+        list("é".encode())
+    text = gen.decode_for_display(ids)
+    assert text == "ok\tfine\n\\x1b[2J\\x00\\xffé"
+    assert all(ch.isprintable() or ch in "\n\t" for ch in text)
 
 
 def test_cli_generates_from_a_checkpoint(tmp_path, capsys):
@@ -117,5 +143,5 @@ def test_cli_generates_from_a_checkpoint(tmp_path, capsys):
     gen.main(["--checkpoint", str(tmp_path), "--prompt", "x", "--max-new-tokens", "3", "--device", "cpu",
               "--temperature", "0", "--no-cache"])
     assert "no cache" in capsys.readouterr().err
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        gen.main(["--checkpoint", str(tmp_path / "nothing"), "--device", "cpu"])
+    assert gen.main(["--checkpoint", str(tmp_path / "nothing"), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.startswith("fastattn-generate: error: --checkpoint: no checkpoint at")

@@ -2,6 +2,7 @@
 (tiny Llama, GPT-2 and BERT from config, against "eager", left padding included)."""
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -98,6 +99,37 @@ def test_patch_sdpa_nests_and_restores_on_error():
     with pytest.raises(ValueError, match="backend"):
         with patch_sdpa(backend="fastest"):
             pass
+
+
+def test_patch_sdpa_counts_and_logs_where_calls_went(caplog):
+    q = torch.randn(1, 2, 5, 8)
+    with caplog.at_level(logging.DEBUG, logger="fastattn.integrations.sdpa"):
+        with patch_sdpa() as sdpa:
+            F.scaled_dot_product_attention(q, q, q, is_causal=True)
+            F.scaled_dot_product_attention(q.to("meta"), q.to("meta"), q.to("meta"))
+        with patch_sdpa(backend="cuda") as on_cuda:  # cannot serve CPU tensors
+            F.scaled_dot_product_attention(q, q, q)
+    assert sdpa.counts == {"fastattn": 1, "pytorch": 1}
+    assert sdpa.fallbacks == {"query is on meta": 1}
+    assert on_cuda.counts == {"fastattn": 0, "pytorch": 1}
+    (reason,) = on_cuda.fallbacks
+    assert reason.startswith("ValueError:") and "cuda" in reason
+    logged = [r.getMessage() for r in caplog.records if r.name == "fastattn.integrations.sdpa"]
+    assert logged == ["F.scaled_dot_product_attention -> PyTorch: query is on meta",
+                      f"F.scaled_dot_product_attention -> PyTorch: {reason}"]
+
+
+def test_transformer_encoder_fast_path_never_calls_sdpa():
+    """As the README says: nn.TransformerEncoderLayer in eval mode under no_grad takes
+    PyTorch's fused fast path, which does not call F.scaled_dot_product_attention."""
+    layer = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0, batch_first=True).eval()
+    x = torch.randn(2, 9, 32)
+    with patch_sdpa() as sdpa, torch.no_grad():
+        layer(x)
+    assert sdpa.counts == {"fastattn": 0, "pytorch": 0}
+    with patch_sdpa() as sdpa:
+        layer(x)  # gradients wanted: the ordinary path, through F.scaled_dot_product_attention
+    assert sdpa.counts == {"fastattn": 1, "pytorch": 0}
 
 
 # ----------------------------------------------------------------------------- transformers

@@ -266,3 +266,19 @@ def test_module_backend_can_be_switched():
     close(module(x), y)
     with pytest.raises(ValueError, match="backend"):
         module.backend = "bogus"
+
+
+def test_rms_norm_defaults_match_torch():
+    """fastattn.nn.RMSNorm's constructor defaults are torch.nn.RMSNorm's: eps=None (the
+    input dtype's eps at each call), so a default-built module gives torch's result in
+    float32 and in float64. (The functional fastattn.rms_norm keeps eps=1e-6.)"""
+    import inspect
+
+    ours, theirs = inspect.signature(fnn.RMSNorm).parameters, inspect.signature(nn.RMSNorm).parameters
+    for name in ("eps", "elementwise_affine"):
+        assert ours[name].default == theirs[name].default, name
+    assert inspect.signature(fnn.rms_norm).parameters["eps"].default == 1e-6
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(4, 7, dtype=dtype) * 1e-4  # small: eps matters
+        ref, mod = nn.RMSNorm(7, dtype=dtype), fnn.RMSNorm(7, dtype=dtype)
+        close(mod(x), ref(x))

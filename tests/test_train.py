@@ -164,3 +164,44 @@ def test_two_process_ddp_and_fsdp_over_gloo(tmp_path):
         assert fsdp[r]["losses"] == pytest.approx(ddp[r]["losses"], rel=1e-5)
     ddp_saved = torch.cat([t.reshape(-1) for t in saved["model"].values()])
     torch.testing.assert_close(fsdp[0]["params"], ddp_saved, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the CLI's --out, help, progress
+
+
+def test_out_with_a_run_needs_resume_or_overwrite(tmp_path, capsys):
+    common = ["--max-steps", "2", "--eval-interval", "2", "--eval-batches", "1"]
+    argv = SMALL + ["--out", str(tmp_path / "run"), *common]
+    assert train_mod.main(argv) == 0
+    assert f"checkpoint of step 2 in {tmp_path / 'run' / train_mod.CHECKPOINT_NAME}" in capsys.readouterr().out
+    metrics = (tmp_path / "run" / train_mod.METRICS_NAME).read_text()
+    assert train_mod.main(argv) == 2  # it used to train again, appending duplicate step rows
+    assert "already holds a run" in capsys.readouterr().err
+    assert (tmp_path / "run" / train_mod.METRICS_NAME).read_text() == metrics
+    assert train_mod.main(argv + ["--overwrite"]) == 0
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / train_mod.METRICS_NAME).read_text().splitlines()]
+    assert steps == [2]  # replaced, not appended
+    with pytest.raises(SystemExit):
+        train_mod.parse_args(argv + ["--overwrite", "--resume"])
+
+
+def test_help_shows_defaults_and_backend_choices():
+    text = " ".join(train_mod.build_parser().format_help().split())
+    assert "--max-steps MAX_STEPS optimizer steps in all (default: 1000)" in text
+    assert "--backend {naive,torch,triton,cuda,auto}" in text and "(default: auto)" in text
+    assert "(default: None)" not in text
+
+
+def test_progress_shows_speed_only_once_measured(capsys):
+    log = train_mod._Progress(True, False, 0, 10, 1)
+    log.step(0, 2.5, None, 1e-3)
+    log.step(1, 2.4, 1234.0, 1e-3)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["step 1: loss 2.5000, lr 1.00e-03", "step 2: loss 2.4000, 1,234 tokens/s, lr 1.00e-03"]
+    pytest.importorskip("tqdm")
+    bar = train_mod._Progress(True, True, 0, 10, 5)
+    bar.step(0, 2.5, None, 1e-3)
+    assert "tok_s" not in bar.bar.postfix and "loss=2.5000" in bar.bar.postfix
+    bar.step(1, 2.4, 1234.0, 1e-3)
+    assert "tok_s=1,234" in bar.bar.postfix
+    bar.close()

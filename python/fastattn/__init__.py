@@ -6,6 +6,15 @@ Importing fastattn does no work: Triton kernels and the CUDA extension load on f
 
 from . import integrations, models, nn
 from .backends import available_backends, get_backend, set_backend, use_backend
+from .flash_attn_interface import (
+    flash_attn_func,
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_varlen_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+    flash_attn_with_kvcache,
+)
 from .integrations import patch_sdpa
 from .ops.attention import attention, scaled_dot_product_attention
 from .ops.decode_attention import decode_attention
@@ -22,6 +31,13 @@ __all__ = [
     "available_backends",
     "decode_attention",
     "ffn",
+    "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_with_kvcache",
     "gated_ffn",
     "get_backend",
     "integrations",

@@ -19,7 +19,9 @@ decay, gradient clipping, bf16 autocast on CUDA. Under torchrun, DistributedData
 (gloo on CPU, nccl on CUDA), or FSDP2 (fully_shard per block) on more than one GPU.
 Every --eval-interval steps and at the end: the held-out loss, a checkpoint
 (--out/checkpoint.pt: model, optimizer, step, config) and a line of --out/metrics.jsonl.
---resume continues from that checkpoint.
+--resume continues from that checkpoint; an --out that holds another run is refused
+unless --resume or --overwrite says what to do with it. Nothing is written to --out
+before the first step has run (a refused device or backend leaves nothing behind).
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import _cli
+from .backends import BACKENDS
+from ._cli import UsageError
 from .models import GPT, IGNORE_INDEX, TransformerConfig
 from .models.config import PRESETS, round_up
 from .models.tokenizer import ByteTokenizer
@@ -57,16 +62,19 @@ VOCAB_MULTIPLE = 64
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastattn-train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=_cli.HelpFormatter)
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model size and shape")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a TransformerConfig field, e.g. --set norm_position=post (repeatable)")
     p.add_argument("--objective", default="causal", choices=("causal", "masked"))
     p.add_argument("--max-steps", type=int, default=1000, help="optimizer steps in all")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    p.add_argument("--backend", default=None, help="fastattn backend of every op (default: auto)")
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="fastattn backend of every op (auto: the fastest that serves each call)")
     p.add_argument("--out", default="fastattn-run", help="directory for checkpoint.pt and metrics.jsonl")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (its checkpoint.pt, metrics.jsonl, config.json)")
     p.add_argument("--data", default=None,
                    help="a text file, or a directory of --glob files (default: the Python stdlib's .py files)")
     p.add_argument("--glob", default="*.py", help="files taken from a --data directory")
@@ -106,6 +114,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         parser.error("--val-fraction must be in (0, 1)")
     if not 0.0 < args.mask_prob < 1.0:
         parser.error("--mask-prob must be in (0, 1)")
+    if args.resume and args.overwrite:
+        parser.error("--resume continues the run in --out and --overwrite replaces it: pass one of them")
     return args
 
 
@@ -243,16 +253,37 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         path = path / CHECKPOINT_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    payload = torch.load(path, map_location=map_location, weights_only=True)
-    if payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a fastattn-train checkpoint (format {payload.get('format')!r})")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch.load raises many kinds on a foreign file
+        raise ValueError(f"{path} is not a fastattn-train checkpoint (torch.load failed: "
+                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(f"{path} is not a fastattn-train checkpoint (format {found!r})")
     return payload
+
+
+def load_checkpoint_for_cli(path: str | Path, option: str) -> dict:
+    """load_checkpoint, with a missing or foreign file as a UsageError naming `option`."""
+    try:
+        return load_checkpoint(path)
+    except FileNotFoundError as exc:
+        raise UsageError(f"{option}: {exc}; pass a fastattn-train --out directory or its "
+                         f"{CHECKPOINT_NAME}") from None
+    except ValueError as exc:
+        raise UsageError(f"{option}: {exc}") from None
 
 
 def load_model(path: str | Path, *, device: str | torch.device = "cpu", backend: Optional[str] = None,
                dtype: Optional[torch.dtype] = None) -> GPT:
     """The trained model of a checkpoint, in eval mode."""
-    payload = load_checkpoint(path)
+    return model_from_checkpoint(load_checkpoint(path), device=device, backend=backend, dtype=dtype)
+
+
+def model_from_checkpoint(payload: dict, *, device: str | torch.device = "cpu", backend: Optional[str] = None,
+                          dtype: Optional[torch.dtype] = None) -> GPT:
+    """The model of a loaded checkpoint (load_checkpoint's payload), in eval mode."""
     model = GPT(TransformerConfig.from_dict(payload["config"]), backend=backend)
     model.load_state_dict(payload["model"])
     return model.to(device=device, dtype=dtype).eval()
@@ -273,15 +304,13 @@ class Dist:
 
 
 def init_distributed(device_arg: str) -> tuple[Dist, torch.device]:
-    """Process group from torchrun's environment (gloo on CPU, nccl on CUDA); the device."""
+    """Process group from torchrun's environment (gloo on CPU, nccl on CUDA); the device
+    (UsageError when this process cannot use it)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     info = Dist(int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world)
-    if device_arg == "auto":
-        device = torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(device_arg)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device(f"cuda:{info.local_rank}")
+    device = _cli.resolve_device(device_arg)
+    if device.type == "cuda" and (device_arg == "auto" or device.index is None):
+        device = _cli.resolve_device(f"cuda:{info.local_rank}")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
@@ -375,14 +404,17 @@ class _Progress:
             if tqdm is not None:
                 self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
-    def step(self, step: int, loss: float, tokens_per_s: float, lr: float) -> None:
+    def step(self, step: int, loss: float, tokens_per_s: Optional[float], lr: float) -> None:
+        """tokens_per_s None: not measured yet (shown only once it is)."""
         if not self.enabled:
             return
+        speed = {} if tokens_per_s is None else {"tok_s": f"{tokens_per_s:,.0f}"}
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", lr=f"{lr:.2e}", refresh=False)
+            self.bar.set_postfix(loss=f"{loss:.4f}", **speed, lr=f"{lr:.2e}", refresh=False)
         elif (step + 1) % self.log_interval == 0:
-            self.write(f"step {step + 1}: loss {loss:.4f}, {tokens_per_s:,.0f} tokens/s, lr {lr:.2e}")
+            measured = "" if tokens_per_s is None else f", {tokens_per_s:,.0f} tokens/s"
+            self.write(f"step {step + 1}: loss {loss:.4f}{measured}, lr {lr:.2e}")
 
     def write(self, line: str) -> None:
         if not self.enabled:
@@ -457,22 +489,57 @@ def train(args: argparse.Namespace) -> TrainResult:
             dist.destroy_process_group()
 
 
+RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME, "config.json")
+
+
+def _check_out(out: Path, args: argparse.Namespace) -> None:
+    """--out may be new or empty, or hold a run that --resume continues or --overwrite
+    replaces; anything else is refused before any work."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a directory; pass another --out")
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found and not (args.resume or args.overwrite):
+        raise UsageError(f"--out {out} already holds a run ({', '.join(found)}); pass --resume to continue it, "
+                         "--overwrite to replace it, or another --out")
+
+
+def _start_run_files(out: Path, args: argparse.Namespace, config: TransformerConfig) -> None:
+    """After the first step: (with --overwrite, the old run's files removed) --out made
+    and config.json written."""
+    out.mkdir(parents=True, exist_ok=True)
+    if args.overwrite:
+        for name in (CHECKPOINT_NAME, METRICS_NAME):
+            (out / name).unlink(missing_ok=True)
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+
 def _train(args: argparse.Namespace, info: Dist, device: torch.device) -> TrainResult:
     out = Path(args.out)
     checkpoint_path = out / CHECKPOINT_NAME
-    payload = load_checkpoint(checkpoint_path) if args.resume and checkpoint_path.is_file() else None
+    _check_out(out, args)
+    _cli.check_backend_runs(args.backend, device)
+    payload = load_checkpoint_for_cli(checkpoint_path, "--resume") if args.resume and checkpoint_path.is_file() \
+        else None
     if args.resume and payload is None and info.main:
         print(f"--resume: no checkpoint at {checkpoint_path}, starting from scratch", file=sys.stderr)
     config = TransformerConfig.from_dict(payload["config"]) if payload else build_config(args)
     if payload and (not config.causal) != (args.objective == "masked"):
-        raise ValueError(f"{checkpoint_path} was trained with the other --objective")
+        raise UsageError(f"{checkpoint_path} was trained with the other --objective; pass --objective "
+                         f"{'causal' if config.causal else 'masked'} to resume it")
     seq_len = args.seq_len or min(config.max_seq_len, 1024)
     if config.positions == "learned" and seq_len > config.max_seq_len:
-        raise ValueError(f"--seq-len {seq_len} exceeds the model's max_seq_len {config.max_seq_len}")
+        raise UsageError(f"--seq-len {seq_len} exceeds the model's max_seq_len {config.max_seq_len}; pass a "
+                         f"--seq-len of at most {config.max_seq_len}")
 
-    files = corpus_files(args.data, args.glob)
+    try:
+        files = corpus_files(args.data, args.glob)
+    except FileNotFoundError as exc:
+        raise UsageError(f"{exc}") from None
     tokens = load_corpus(files, int(args.max_corpus_mb * 2**20))
-    splits = split_corpus(tokens, args.val_fraction, seq_len)
+    try:
+        splits = split_corpus(tokens, args.val_fraction, seq_len)
+    except ValueError as exc:
+        raise UsageError(f"{exc}; pass more --data or a smaller --seq-len") from None
 
     torch.manual_seed(args.seed)
     model = GPT(config, backend=args.backend, device=device)
@@ -495,11 +562,9 @@ def _train(args: argparse.Namespace, info: Dist, device: torch.device) -> TrainR
     warmup = args.warmup_steps if args.warmup_steps is not None else min(200, args.max_steps // 10)
 
     if info.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         print(
             f"fastattn-train: {args.preset} ({core.num_parameters() / 1e6:.2f}M parameters), "
-            f"{args.objective} objective, backend {args.backend or 'default'}, device {device}, "
+            f"{args.objective} objective, backend {args.backend}, device {device}, "
             f"{info.world} process(es); corpus {len(files)} file(s), {len(splits.train):,} train / "
             f"{len(splits.val):,} held-out tokens; steps {start_step}..{args.max_steps}",
             file=sys.stderr, flush=True,
@@ -508,7 +573,7 @@ def _train(args: argparse.Namespace, info: Dist, device: torch.device) -> TrainR
     progress = _Progress(info.main, not args.no_progress, start_step, args.max_steps, args.log_interval)
     tokens_per_step = args.batch_size * seq_len * args.grad_accum * info.world
     window_start, window_steps = time.perf_counter(), 0
-    tokens_per_s = 0.0
+    tokens_per_s: Optional[float] = None  # until the first --log-interval steps are timed
     try:
         for step in range(start_step, args.max_steps):
             lr = learning_rate(step, args, warmup)
@@ -532,6 +597,8 @@ def _train(args: argparse.Namespace, info: Dist, device: torch.device) -> TrainR
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            if step == start_step and info.main:
+                _start_run_files(out, args, config)
             result.losses.append(step_loss)
             result.step = step + 1
             window_steps += 1
@@ -565,18 +632,32 @@ def _train(args: argparse.Namespace, info: Dist, device: torch.device) -> TrainR
                     with open(out / METRICS_NAME, "a") as f:
                         f.write(json.dumps(record) + "\n")
                     progress.write(f"step {step + 1}: train loss {train_loss:.4f}, eval loss {eval_loss:.4f}, "
-                                   f"{tokens_per_s:,.0f} tokens/s")
+                                   f"{tokens_per_s:,.0f} tokens/s; checkpoint {checkpoint_path}")
                 if info.world > 1:
                     dist.barrier()
                 window_start = time.perf_counter()  # evaluation and saving are not training time
+    except ValueError as exc:
+        refusal = _cli.backend_refusal(exc)
+        if refusal is None:
+            raise
+        raise UsageError(f"--backend {args.backend}: {refusal}; pick another --backend (auto serves every call)") \
+            from None
     finally:
         progress.close()
+    if info.main and result.eval_losses:
+        print(f"fastattn-train: checkpoint of step {result.step} in {checkpoint_path}, metrics in "
+              f"{out / METRICS_NAME}; sample with: fastattn-generate --checkpoint {out}", flush=True)
     return result
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def _main(argv: Optional[list[str]]) -> None:
     train(parse_args(argv))
 
 
+def main(argv: Optional[list[str]] = None) -> int:
+    """The fastattn-train command: exit status 0, or 2 with one line for a user error."""
+    return _cli.run("fastattn-train", _main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -62,6 +62,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .run import default_sweep, expand_ops, run_benchmarks
 
     ops = args.ops[1:] if len(args.ops) > 1 else args.ops  # drop the default when --op is given
+    problem = _user_error(args, expand_ops(ops))
+    if problem is not None:
+        print(f"fastattn-bench: error: {problem}", file=sys.stderr)
+        return 2
     if args.device == "cuda" and not torch.cuda.is_available():
         print("fastattn-bench: --device cuda asked for, but no CUDA device is available", file=sys.stderr)
         return 2
@@ -75,6 +79,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             time_budget_s=args.time_budget, progress=not args.no_progress,
                             plots=not args.no_plots)
     return 1 if output.aborted else 0
+
+
+def _user_error(args, spec_names) -> Optional[str]:
+    """What is wrong with the arguments argparse cannot check, and what to do; None if nothing."""
+    from .specs import get_spec
+
+    known = {p for name in spec_names for p in get_spec(name).providers}
+    unknown = [p for p in _split(args.providers) or [] if p not in known]
+    if unknown:
+        return f"--providers {','.join(unknown)}: no such provider of these ops; pick from {','.join(sorted(known))}"
+    modes = {m for name in spec_names for m in get_spec(name).modes}
+    unknown = [m for m in _split(args.modes) or [] if m not in modes]
+    if unknown:
+        return f"--modes {','.join(unknown)}: not a mode of these ops; pick from {','.join(sorted(modes))}"
+    if args.max_cases is not None and args.max_cases < 1:
+        return f"--max-cases must be >= 1 (leave it out for every shape), got {args.max_cases}"
+    if args.time_budget is not None and args.time_budget < 0:
+        return f"--time-budget must be >= 0 seconds (0 = no limit), got {args.time_budget}"
+    if args.out.exists() and not args.out.is_dir():
+        return f"--out {args.out} is a file; pass a folder (results go to OUT/<device>/)"
+    return None
 
 
 def _list(spec_names, sweep, args) -> int:

@@ -21,6 +21,8 @@ from typing import Mapping
 
 import torch
 
+from .ceilings import copy_gbps
+
 MODES = ("fwd", "bwd", "full")
 
 # Which quantity each op is measured in: "flops" -> TFLOP/s, "bytes" -> GB/s.
@@ -110,6 +112,7 @@ def fraction_of_ceiling(metric: str, value: float, ceilings: Mapping) -> float |
     """value as a fraction of the run's matmul ceiling (tflops) or copy ceiling (gbps)."""
     if metric == "tflops" and ceilings.get("matmul_tflops"):
         return value / ceilings["matmul_tflops"]
-    if metric == "gbps" and ceilings.get("copy_tbps"):
-        return value / (ceilings["copy_tbps"] * 1000.0)
+    if metric == "gbps":
+        ceiling = copy_gbps(ceilings)
+        return value / ceiling if ceiling else None
     return None

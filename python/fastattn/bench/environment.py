@@ -58,7 +58,8 @@ def git_commit() -> tuple[str, Optional[bool]]:
 
 
 def run_info(device: torch.device) -> dict:
-    """The fields every row carries: device, torch, triton, cuda, git_commit, date."""
+    """device, torch, triton, cuda, git_commit, date (the fields every row carries), and
+    for a CPU run cpu_threads and cpu_cores (the header's)."""
     commit, dirty = git_commit()
     now = datetime.datetime.now(datetime.timezone.utc)
     return {
@@ -69,6 +70,9 @@ def run_info(device: torch.device) -> dict:
         "git_commit": commit,
         "git_dirty": dirty,
         "date": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        # A CPU run's thread count (what every timing used) beside the machine's cores.
+        "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "cpu_cores": os.cpu_count() if device.type == "cpu" else None,
     }
 
 

@@ -1,5 +1,6 @@
 """PNG plots of a run, one file per op: a panel per mode and shape group, throughput
-against the swept size, a line per provider; the measured ceiling dashed."""
+against the swept size, a line per provider; the measured ceiling dashed. A run without
+a CUDA GPU says on the figure that it is not a statement about kernel speed."""
 
 from __future__ import annotations
 
@@ -8,9 +9,30 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Optional
 
+from .ceilings import copy_gbps
 from .results import METRIC_UNITS, metric_of, provider_sort_key, shape_label
 
-CEILING_LABEL = {"tflops": ("matmul_tflops", 1.0, "matmul ceiling"), "gbps": ("copy_tbps", 1000.0, "copy ceiling")}
+CEILING_NAME = {"tflops": "matmul ceiling", "gbps": "copy ceiling"}
+CPU_PLOT_NOTE = ("No CUDA GPU: a CPU sweep that checks the harness runs. Not a statement about kernel speed; "
+                 "GPU numbers need a CUDA GPU.")
+
+
+def ceiling_of(header: dict, metric: str) -> Optional[float]:
+    """The run's ceiling in the metric's unit (TFLOP/s or GB/s), or None."""
+    if metric == "tflops":
+        return header.get("matmul_tflops")
+    if metric == "gbps":
+        return copy_gbps(header)
+    return None
+
+
+def is_cpu_run(header: dict) -> bool:
+    return not header.get("cuda") and str(header.get("device", "")).startswith("CPU")
+
+
+def _note_cpu_run(fig, header: dict) -> None:
+    if is_cpu_run(header):
+        fig.text(0.5, 0.005, CPU_PLOT_NOTE, ha="center", va="bottom", fontsize=8, color="#b22222", wrap=True)
 
 
 OURS = ("triton", "cuda", "auto")
@@ -62,8 +84,7 @@ def plot_op(header: dict, rows: list[dict], op: str, path: Path) -> Optional[Pat
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
     providers = sorted({r["provider"] for r in rows}, key=provider_sort_key)
-    ceiling_key, ceiling_scale, ceiling_name = CEILING_LABEL.get(metric, (None, 1.0, ""))
-    ceiling = header.get(ceiling_key) if ceiling_key else None
+    ceiling, ceiling_name = ceiling_of(header, metric), CEILING_NAME.get(metric, "")
     for ax, ((mode, group), panel_rows) in zip(axes.flat, panels.items()):
         for provider in providers:
             points = sorted((r["shape"][spec.x_key], r[metric]) for r in panel_rows if r["provider"] == provider)
@@ -72,7 +93,7 @@ def plot_op(header: dict, rows: list[dict], op: str, path: Path) -> Optional[Pat
                 ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=4 if ours else 3,
                         linewidth=2.2 if ours else 1.2, label=provider, color=provider_color(provider))
         if ceiling:
-            ax.axhline(ceiling * ceiling_scale, linestyle="--", color="gray", linewidth=1, label=ceiling_name)
+            ax.axhline(ceiling, linestyle="--", color="gray", linewidth=1, label=ceiling_name)
         ax.set_xscale("log", base=2)
         ax.set_xlabel(spec.x_key)
         ax.set_ylabel(METRIC_UNITS[metric])
@@ -84,9 +105,13 @@ def plot_op(header: dict, rows: list[dict], op: str, path: Path) -> Optional[Pat
         for handle, label in zip(*ax.get_legend_handles_labels()):
             legend.setdefault(label, handle)
     handles, labels = list(legend.values()), list(legend)
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), fontsize=8, frameon=False)
+    cpu = is_cpu_run(header)
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, 0.03 if cpu else 0.0))
     fig.suptitle(f"{op} — {header.get('device', '')}, {header.get('dtype', '')}", fontsize=11)
-    fig.tight_layout(rect=(0, 0.07 if lines == 1 else 0.04, 1, 0.95))
+    bottom = (0.07 if lines == 1 else 0.04) + (0.05 if cpu else 0.0)
+    fig.tight_layout(rect=(0, bottom, 1, 0.95))
+    _note_cpu_run(fig, header)
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -107,7 +132,8 @@ def _bar_plot(plt, header, rows, op, metric, path):
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
         ax.grid(True, axis="y", alpha=0.3)
     fig.suptitle(f"{op} — {header.get('device', '')}, {header.get('dtype', '')}", fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 0.92))
+    fig.tight_layout(rect=(0, 0.06 if is_cpu_run(header) else 0, 1, 0.92))
+    _note_cpu_run(fig, header)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)

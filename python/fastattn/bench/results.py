@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from . import counting
+from .ceilings import copy_gbps
 from .spec import PROVIDER_ORDER
 
 METRIC_UNITS = {"tflops": "TFLOP/s", "gbps": "GB/s", "tokens_per_s": "tokens/s"}
@@ -137,9 +138,10 @@ def _cell(row: Optional[dict], metric: str) -> str:
     return {"failed": "FAIL", "error": "ERR"}.get(status, "—")
 
 
-def op_table(op: str, mode: str, rows: list[dict], *, with_notes: bool = True) -> str:
+def op_table(op: str, mode: str, rows: list[dict], *, with_notes: bool = True, skip_notes: bool = True) -> str:
     """A Markdown table for one op and mode: a line per shape, a column per provider
-    (providers skipped everywhere are left out), cells in the op's unit."""
+    (providers skipped everywhere are left out), cells in the op's unit; below it why
+    cells are not numbers (skip_notes=False: failures and errors only)."""
     rows = [r for r in rows if r["op"] == op and r["mode"] == mode]
     if not rows:
         return ""
@@ -154,7 +156,7 @@ def op_table(op: str, mode: str, rows: list[dict], *, with_notes: bool = True) -
         cells = [_cell(entry.get(p), metric) for p in shown]
         lines.append(f"| {shape_label(op, entry['shape'])} | {' | '.join(cells)} |")
     if with_notes:
-        notes = provider_notes(rows)
+        notes = provider_notes(r for r in rows if skip_notes or r.get("status") != "skipped")
         if notes:
             lines.append("")
             lines.extend(f"- {n}" for n in notes)
@@ -172,8 +174,22 @@ def provider_notes(rows: Iterable[dict]) -> list[str]:
             in counts.items()]
 
 
+def skip_reasons(rows: Iterable[dict]) -> list[str]:
+    """Each distinct (provider, reason) of the skipped rows once, with its count and ops."""
+    found: "OrderedDict[tuple, list]" = OrderedDict()
+    for r in sorted(rows, key=lambda r: provider_sort_key(r["provider"])):
+        if r.get("status") == "skipped":
+            entry = found.setdefault((r["provider"], r.get("reason") or ""), [0, []])
+            entry[0] += 1
+            if r["op"] not in entry[1]:
+                entry[1].append(r["op"])
+    return [f"{provider} skipped ({n} case{'s' if n > 1 else ''}: {', '.join(ops)}): {reason}"
+            for (provider, reason), (n, ops) in found.items()]
+
+
 def run_summary(header: dict) -> str:
-    """A line naming the device, versions and the measured ceilings."""
+    """A line naming the device, versions, the threads of a CPU run and the measured
+    ceilings (the copy in GB/s, the unit of the memory-bound rows)."""
     parts = [f"{header.get('device', '?')}", f"torch {header.get('torch')}"]
     if header.get("triton"):
         parts.append(f"triton {header['triton']}")
@@ -187,9 +203,15 @@ def run_summary(header: dict) -> str:
         ceilings.append(f"matmul {header['matmul_tflops']:.0f} TFLOP/s ({header.get('matmul_desc', '')})"
                         if header["matmul_tflops"] >= 10 else
                         f"matmul {header['matmul_tflops']:.3g} TFLOP/s ({header.get('matmul_desc', '')})")
-    if header.get("copy_tbps"):
-        ceilings.append(f"copy {header['copy_tbps']:.3g} TB/s ({header.get('copy_desc', '')})")
+    copy = copy_gbps(header)
+    if copy:
+        ceilings.append(f"copy {format_number(copy)} GB/s ({header.get('copy_desc', '')})")
     line = ", ".join(parts)
+    if header.get("cpu_threads"):
+        cores = header.get("cpu_cores")
+        of = f" of {cores} cores" if cores else ""
+        line += (f". Every timing, the ceilings' included, on {header['cpu_threads']} torch "
+                 f"thread{'s' if header['cpu_threads'] > 1 else ''}{of}")
     if ceilings:
         line += ". Ceilings measured in the same run: " + "; ".join(ceilings) + "."
     return line
@@ -202,14 +224,17 @@ def markdown_report(header: dict, rows: list[dict], *, title_level: int = 1) -> 
     if header.get("sweep"):
         out += [f"Sweep `{header['sweep']}`, dtype {header.get('dtype')}. Cells: the median's throughput "
                 "(TFLOP/s, GB/s or tokens/s); FAIL = wrong result vs the fp32 reference (not timed), "
-                "ERR = raised, — = skipped (reasons below each table).", ""]
+                "ERR = raised, — = skipped (each reason once, at the end).", ""]
     for note in header.get("notes", []):
         out += [f"> {note}", ""]
     ops = list(OrderedDict.fromkeys(r["op"] for r in rows))
     for op in ops:
         for mode in OrderedDict.fromkeys(r["mode"] for r in rows if r["op"] == op):
             unit = METRIC_UNITS[metric_of(op)]
-            out += [f"{hashes}# {op} — {mode} ({unit})", "", op_table(op, mode, rows), ""]
+            out += [f"{hashes}# {op} — {mode} ({unit})", "", op_table(op, mode, rows, skip_notes=False), ""]
     for op, reason in header.get("skipped_ops", {}).items():
         out += [f"{hashes}# {op}", "", f"Not measured: {reason}", ""]
+    skipped = skip_reasons(rows)
+    if skipped:
+        out += [f"{hashes}# Skipped cases", "", *(f"- {line}" for line in skipped), ""]
     return "\n".join(out).rstrip() + "\n"

@@ -1,7 +1,8 @@
 """Timers: CUDA events with the L2 flushed before every timed call, or the CPU clock.
 
 `time_fn(fn, arg_sets, device)` calls `fn(arg_sets[i % len(arg_sets)])` repeatedly and
-returns the 20th, 50th and 80th percentile in milliseconds. Passing several argument
+returns the 20th, 50th and 80th percentile in milliseconds, and the fastest call (what
+a ceiling is measured by: the best the machine did). Passing several argument
 sets rotates the inputs, so that inputs small enough to sit in L2 are not reused
 warm from one call to the next (the harness makes them; see harness.rotation_count).
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -25,6 +26,7 @@ class Timing:
     ms_p50: float
     ms_p80: float
     reps: int
+    ms_min: Optional[float] = None  # the fastest timed call
 
 
 @dataclass(frozen=True)
@@ -102,8 +104,9 @@ def time_cuda(fn: Callable, arg_sets: Sequence, settings: TimerSettings = TimerS
         fn(arg_sets[i % n])
         ends[i].record()
     torch.cuda.synchronize(device)
-    p20, p50, p80 = quantiles([s.elapsed_time(e) for s, e in zip(starts, ends)])
-    return Timing(p20, p50, p80, reps)
+    times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    p20, p50, p80 = quantiles(times)
+    return Timing(p20, p50, p80, reps, min(times))
 
 
 def time_cpu(fn: Callable, arg_sets: Sequence, settings: TimerSettings = CPU) -> Timing:
@@ -122,7 +125,7 @@ def time_cpu(fn: Callable, arg_sets: Sequence, settings: TimerSettings = CPU) ->
         fn(arg_sets[i % n])
         times.append((time.perf_counter() - begin) * 1e3)
     p20, p50, p80 = quantiles(times)
-    return Timing(p20, p50, p80, reps)
+    return Timing(p20, p50, p80, reps, min(times))
 
 
 def time_fn(fn: Callable, arg_sets: Sequence, device: torch.device,

@@ -1,0 +1,108 @@
+"""fastattn-train, fastattn-generate and fastattn-bench as a user runs them (subprocesses):
+a user error prints one line naming what is wrong and what to do, exits 2, shows no
+traceback and leaves nothing behind; generation past the model's context works and
+prints control bytes escaped. Each command runs the module (`python -m ...`), which is
+what the console script calls."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastattn import _cli
+from fastattn import train as train_mod
+from fastattn.models import GPT, TransformerConfig
+
+TINY_DATA = ["--preset", "tiny", "--device", "cpu", "--batch-size", "2", "--seq-len", "16", "--max-steps", "2",
+             "--data", os.__file__, "--no-progress"]
+
+
+def run(module: str, *args: str, cwd, env_changes=None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)  # as a user's shell has it: Triton off on CPU
+    env.update(env_changes or {})
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def assert_user_error(result: subprocess.CompletedProcess, prog: str, *words: str) -> str:
+    """Exit status 2, one line on stderr `<prog>: error: ...` containing `words`."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="needs a CPU build of torch")
+def test_train_device_cuda_on_a_cpu_torch(tmp_path):
+    result = run("fastattn.train", "--device", "cuda", "--out", "run", cwd=tmp_path)
+    assert_user_error(result, "fastattn-train", "--device cuda", "CPU build", "--device cpu")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_train_backend_that_cannot_run_leaves_no_out(tmp_path):
+    result = run("fastattn.train", *TINY_DATA, "--backend", "triton", "--out", "run", cwd=tmp_path)
+    assert_user_error(result, "fastattn-train", "--backend triton", "use one of")
+    assert list(tmp_path.iterdir()) == []  # no run/, no run/config.json
+
+
+def test_train_refuses_an_out_that_holds_a_run(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 2}\n')
+    result = run("fastattn.train", *TINY_DATA, "--out", "run", cwd=tmp_path)
+    assert_user_error(result, "fastattn-train", "--resume", "--overwrite")
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl"]
+    assert (out / "metrics.jsonl").read_text() == '{"step": 2}\n'
+
+
+def test_generate_missing_and_foreign_checkpoints(tmp_path):
+    result = run("fastattn.generate", "--checkpoint", "nothing", cwd=tmp_path)
+    assert_user_error(result, "fastattn-generate", "--checkpoint", "no checkpoint at nothing")
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    result = run("fastattn.generate", "--checkpoint", "notes.pt", cwd=tmp_path)
+    assert_user_error(result, "fastattn-generate", "notes.pt is not a fastattn-train checkpoint")
+
+
+def test_generate_past_the_context_prints_escaped_text(tmp_path):
+    """A model with a 16-position context asked for 40 tokens: it generates them all
+    (sliding window), says so, and prints no raw control character."""
+    config = TransformerConfig.from_preset("tiny", vocab_size=320, max_seq_len=16)
+    torch.manual_seed(0)
+    train_mod.save_checkpoint(tmp_path / train_mod.CHECKPOINT_NAME, {
+        "format": train_mod.CHECKPOINT_FORMAT, "config": config.to_dict(), "model": GPT(config).state_dict(),
+        "step": 0})
+    result = run("fastattn.generate", "--checkpoint", ".", "--prompt", "def \x1b", "--max-new-tokens", "40",
+                 "--seed", "0", "--device", "cpu", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "sliding window" in result.stderr and "40 new tokens" in result.stderr
+    assert result.stdout.startswith("def \\x1b")
+    assert all(ch.isprintable() or ch == "\n" or ch == "\t" for ch in result.stdout)
+
+
+def test_bench_user_errors(tmp_path):
+    result = run("fastattn.bench", "--op", "layer_norm", "--providers", "bogus", "--out", "bench", cwd=tmp_path)
+    assert_user_error(result, "fastattn-bench", "--providers bogus", "pick from")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_run_keeps_tracebacks_for_internal_errors(capsys):
+    """Only UsageError becomes a one-line exit 2; anything else propagates."""
+    def user_error(argv):
+        raise _cli.UsageError("--x is wrong; pass --y")
+
+    def internal_error(argv):
+        raise KeyError("bug")
+
+    assert _cli.run("tool", user_error) == 2
+    assert capsys.readouterr().err == "tool: error: --x is wrong; pass --y\n"
+    with pytest.raises(KeyError):
+        _cli.run("tool", internal_error)
+    assert _cli.run("tool", lambda argv: None) == 0
