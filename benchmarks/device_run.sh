@@ -320,6 +320,6 @@ if wanted rest; then stage_rest; fi
 cap_sizes
 write_status true
 log "done in $(($(date +%s) - start)) s; $failures step(s) failed; files: $(cd "$out" && ls)"
-"$PY" -m fastattn.bench.report --device-run "$out" --summary-only 2>&1 | tee -a "$out/run.log"
+timeout 120 "$PY" -m fastattn.bench.report --device-run "$out" --summary-only 2>&1 | tee -a "$out/run.log"
 if [ "$failures" -gt 0 ]; then exit 1; fi
 exit 0

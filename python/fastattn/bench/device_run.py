@@ -12,7 +12,9 @@ autotune runs the key shapes (AUTOTUNE_SHAPES) through the Triton backend with
 FASTATTN_AUTOTUNE=1 and, after each shape, appends the config every autotuner chose
 per key (and the timings of the configs it tried, where Triton kept them): a candidate
 table for the static configs of kernels/_config.py, not a result. Under the Triton
-interpreter nothing is tuned; the rows say so.
+interpreter nothing is tuned; the rows say so. At --seconds (an alarm) or on SIGTERM
+(device_run.sh's step limit) it writes what the autotuners hold so far and stops:
+a key whose configs were still being timed is lost, the keys tuned before it are kept.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import math
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -249,6 +252,15 @@ def _first(value) -> float:
     return float(value[0] if isinstance(value, (list, tuple)) else value)
 
 
+class _OutOfTime(BaseException):
+    """The autotune step's time is up (an alarm or SIGTERM); not an Exception, so that
+    no error handler swallows it."""
+
+
+def _out_of_time(signum, frame):
+    raise _OutOfTime(signal.Signals(signum).name)
+
+
 def _label(shape: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in shape.items())
 
@@ -272,12 +284,17 @@ def autotune(out: Path, seconds: float, tiny: bool) -> int:
         print(f"autotune: triton backend unavailable: {why}")
         return 1
     deadline = time.monotonic() + seconds
+    signal.signal(signal.SIGTERM, _out_of_time)
+    if hasattr(signal, "SIGALRM"):
+        signal.signal(signal.SIGALRM, _out_of_time)
+        signal.alarm(max(1, math.ceil(seconds)))
     seen: set = set()
     done = configs = 0
     failures = 0
+    out_of_time = None
     for shape in shapes:
         label = _label(shape)
-        if time.monotonic() > deadline:
+        if out_of_time is not None or time.monotonic() > deadline:
             append(out, {"kind": "skipped", "shape": label, "reason": f"the step's {seconds:.0f} s were used up"})
             continue
         started = time.monotonic()
@@ -285,6 +302,16 @@ def autotune(out: Path, seconds: float, tiny: bool) -> int:
             _autotune_call(shape, device, dtype)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
+        except _OutOfTime as exc:
+            out_of_time = str(exc)
+            rows = _new_config_rows(label, seen)
+            for row in rows:
+                append(out, row)
+            configs += len(rows)
+            append(out, {"kind": "interrupted", "shape": label, "signal": out_of_time, "configs": len(rows),
+                         "seconds": round(time.monotonic() - started, 2)})
+            print(f"autotune {label}: stopped by {out_of_time}; {len(rows)} tuned keys kept")
+            continue
         except Exception as exc:  # noqa: BLE001 - every shape gets its row
             failures += 1
             append(out, {"kind": "error", "shape": label, "error": f"{type(exc).__name__}: {str(exc)[:500]}"})
@@ -298,8 +325,10 @@ def autotune(out: Path, seconds: float, tiny: bool) -> int:
         append(out, {"kind": "shape", "shape": label, "seconds": round(time.monotonic() - started, 2),
                      "configs": len(rows)})
         print(f"autotune {label}: {len(rows)} tuned keys in {time.monotonic() - started:.1f} s")
+    if hasattr(signal, "SIGALRM"):
+        signal.alarm(0)
     append(out, {"kind": "summary", "shapes_done": done, "shapes": len(shapes), "configs": configs,
-                 "errors": failures})
+                 "errors": failures, "stopped_by": out_of_time})
     return 1 if failures else 0
 
 

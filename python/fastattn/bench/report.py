@@ -387,6 +387,9 @@ def autotune_table(rows: list[dict]) -> str:
     else:
         lines.append("No config was tuned.")
     lines += [f"- error {e}" for e in errors]
+    lines += [f"- stopped during {r['shape']} ({r['signal']}): keys tuned before it are kept"
+              for r in rows if r.get("kind") == "interrupted"]
+    lines += [f"- not run: {r['shape']} ({r['reason']})" for r in rows if r.get("kind") == "skipped"]
     return "\n".join(lines)
 
 
