@@ -8,7 +8,8 @@
 #
 # Options: --budget SECONDS (the whole run), --stages env,smoke,bench,rest (a subset, e.g.
 # to rerun on a warm machine). .git does not travel to the device machine: pass the commit
-# being measured in FASTATTN_GIT_COMMIT. PYTHON picks the interpreter (default python3).
+# being measured in FASTATTN_GIT_COMMIT. PYTHON picks the interpreter (default python3),
+# DEVICE_RUN_JOBS the pytest-xdist workers of a GPU run (default 8).
 #
 # Stages, each step under `timeout` with a limit cut to what is left of the budget (a
 # step whose limit falls under its minimum is skipped, and the skip recorded):
@@ -88,7 +89,7 @@ if [ "$dry_run" = 1 ]; then
   tiny=(--tiny)
 else
   mode=gpu
-  jobs=8
+  jobs=${DEVICE_RUN_JOBS:-8}
   unset TRITON_INTERPRET
   bench_device=cuda
   tiny=()
@@ -248,10 +249,11 @@ stage_smoke() {
 }
 
 # How many distinct Triton kernel variants the GPU run compiles, counted from the default
-# configs and the smoke matrix (fastattn.bench.smoke.SMOKE) by the ahead-of-time compile
-# tool of issue 14, `python -m fastattn.kernels.aot --count smoke`, whose last output
-# line starts with the number. Over COMPILE_BUDGET the step fails: at 16 cores and
-# 2-5 s a compile, 150 variants are about a minute of compiling.
+# configs and the smoke matrix by the ahead-of-time compile tool of issue 14,
+# `python -m fastattn.kernels.aot --count --matrix smoke --arch 90`, which prints
+# "<N> distinct Triton kernel variants for sm_90 ..." (it compiles nothing). Over
+# COMPILE_BUDGET the step fails: at 16 cores and 2-5 s a compile, 150 variants are
+# about a minute of compiling.
 COMPILE_BUDGET=150
 count_compile_variants() {
   if ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('fastattn.kernels.aot') is None)" \
@@ -261,9 +263,9 @@ count_compile_variants() {
     record 2 count failed 0 0 "$note"
     return
   fi
-  run_step 2 count 120 10 "$PY" -m fastattn.kernels.aot --count smoke --arch 90
+  run_step 2 count 120 10 "$PY" -m fastattn.kernels.aot --count --matrix smoke --arch 90
   local count
-  count=$(tail -n 1 "$work/step.out" | grep -o -m1 '^[0-9]*')
+  count=$(grep -m1 -oE '^[0-9]+ distinct Triton kernel variants' "$work/step.out" | grep -oE '^[0-9]+')
   if [ "$last_rc" = 0 ] && [ -n "$count" ]; then
     compile_count=$count
     write_status false
@@ -272,7 +274,7 @@ count_compile_variants() {
       record 2 count-budget failed 0 0 "$count variants is over the budget of $COMPILE_BUDGET"
     fi
   elif [ "$last_rc" = 0 ]; then
-    record 2 count-parse failed 0 0 "the AOT tool's last line does not start with the count"
+    record 2 count-parse failed 0 0 "the AOT tool printed no '<N> distinct Triton kernel variants' line"
   fi
 }
 

@@ -165,7 +165,7 @@ def test_dry_run_bench_autotune_and_gpu_tests(dry_run):
 
 def test_dry_run_counts_compile_variants(dry_run, capsys):
     """The dry run prints how many Triton kernel variants the GPU run compiles (default
-    configs, smoke matrix), from `python -m fastattn.kernels.aot --count smoke`; it must
+    configs, smoke matrix), from `python -m fastattn.kernels.aot --count --matrix smoke`; it must
     stay within the budget (about a minute of compiling at 16 cores). Until the AOT tool
     is in the tree the step fails, and so does this test."""
     out, result, status = dry_run
@@ -205,7 +205,7 @@ def test_report_publishes_a_dry_run_only_where_told(dry_run, tmp_path, capsys):
     assert sorted(p.name for p in (directory / f"{stem}{report.DEVICE_RUN_SUFFIX}").iterdir()) == sorted(
         FILES - {"run.log", "bench.jsonl"})
     summary = (directory / f"{stem}{report.DEVICE_RUN_SUFFIX}.md").read_text()
-    assert report.DRY_RUN_NOTE in summary
+    assert report.DRY_RUN_NOTE in summary and run.not_gpu_note == report.DRY_RUN_NOTE
     assert "| attention | triton | 4/4 | skipped |" in summary
     text = readme.read_text()
     assert "old" not in text and text.endswith("\nafter\n")
@@ -260,3 +260,37 @@ def test_smoke_table_shows_failures_and_skips():
     assert "- FAIL attention b triton float16: E   AssertionError: dq: max error 1 > 0.1" in lines
     assert "- skipped (attention cuda bfloat16): no kernel" in lines
     assert report.smoke_table([]).startswith("No smoke results")
+
+
+def test_report_publishes_a_gpu_run(dry_run, tmp_path, capsys):
+    """The dry run's files relabelled as a GPU run's (mode gpu, a CUDA device): the
+    results, plots, summary and README section are written, under the device's folder."""
+    out, _, _ = dry_run
+    gpu = tmp_path / "files_at"
+    shutil.copytree(out, gpu)
+    status = json.loads((gpu / "status.json").read_text())
+    (gpu / "status.json").write_text(json.dumps({**status, "mode": "gpu"}))
+    env = _rows(gpu / "env.jsonl")
+    for row in env:
+        if row["kind"] == "device":
+            row.update(device="NVIDIA H200", slug="nvidia-h200", cuda=True)
+    (gpu / "env.jsonl").write_text("".join(json.dumps(r) + "\n" for r in env))
+    header, *rows = _rows(gpu / "bench.jsonl")
+    (gpu / "bench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [{**header, "device": "NVIDIA H200"}]
+                                             + [{**r, "device": "NVIDIA H200"} for r in rows]))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{report.BEGIN}\nold\n{report.END}\n")
+    results_dir = tmp_path / "results"
+    assert report.main(["--device-run", str(gpu), "--results-dir", str(results_dir), "--readme", str(readme)]) == 0
+    printed = capsys.readouterr().out
+    assert "not a GPU result" not in printed and "commit benchmarks/results/ and README.md" in printed
+    stem = report.DeviceRun(gpu).stem
+    directory = results_dir / "nvidia-h200"
+    assert (directory / f"{stem}.jsonl").exists() and (directory / f"{stem}-device-run.md").exists()
+    assert "not a GPU result" not in (directory / f"{stem}-device-run.md").read_text()
+    text = readme.read_text()
+    assert "NVIDIA H200" in text and "These are CPU numbers" not in text
+    assert f"nvidia-h200/{stem}.md" in text and "Correctness on this device" in text
+    # benchmarks/results/*/*.jsonl holds only results files: the raw device files sit one folder down.
+    assert [p.name for p in directory.glob("*.jsonl")] == [f"{stem}.jsonl"]
+    assert report.newest_results(results_dir, committed_only=False) == directory / f"{stem}.jsonl"

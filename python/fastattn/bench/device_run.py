@@ -116,17 +116,25 @@ def env(out: Path, build: dict) -> int:
     from . import ceilings
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    append(out, versions_row())
+    versions = versions_row()
+    append(out, versions)
     append(out, device_row(device))
-    append(out, nvidia_smi_row())
+    smi = nvidia_smi_row()
+    append(out, smi)
+    print(smi["text"] or smi["reason"])
     append(out, {"kind": "build", **build})
-    append(out, extension_row())
+    extension = extension_row()
+    append(out, extension)
     append(out, {"kind": "backends", "available": fastattn.available_backends()})
+    print(f"torch {versions['torch']} (CUDA {versions['torch_cuda']}), triton {versions['triton']}, "
+          f"nvcc {versions['nvcc']}; fastattn._C: "
+          + ("loaded, " + str(extension["build_info"]) if extension["loaded"] else extension["reason"]))
     measured = ceilings.measure(device)
     append(out, {"kind": "ceilings", "device": device.type, **measured})
     print(f"ceilings on {device}: matmul {measured['matmul_tflops']:.4g} TFLOP/s ({measured['matmul_desc']}), "
           f"copy {measured['copy_tbps']:.4g} TB/s ({measured['copy_desc']})")
-    return 0
+    # On a GPU the extension must load: the cuda backend's smoke cases would only be skipped.
+    return 1 if device.type == "cuda" and not extension["loaded"] else 0
 
 
 # ----------------------------------------------------------------------------- autotune

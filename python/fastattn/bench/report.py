@@ -200,6 +200,8 @@ DEFAULT_RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 DRY_RUN_NOTE = ("This is a CPU dry run of benchmarks/device_run.sh (the Triton interpreter, tiny shapes, CPU "
                 "timings): it shows that the script and its files work. It is not a GPU result, and nothing of it "
                 "belongs under benchmarks/results/.")
+NO_GPU_NOTE = ("This run of benchmarks/device_run.sh found no CUDA GPU: it is not a GPU result, and nothing of it "
+               "belongs under benchmarks/results/.")
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -239,6 +241,10 @@ class DeviceRun:
         return next((r for r in self.env if r.get("kind") == kind), {})
 
     @property
+    def not_gpu_note(self) -> str:
+        return DRY_RUN_NOTE if self.status.get("mode") == "dry-run" else NO_GPU_NOTE
+
+    @property
     def is_gpu(self) -> bool:
         """A GPU run: the script ran in GPU mode and the device it recorded is CUDA."""
         device = self.env_row("device")
@@ -274,6 +280,11 @@ def smoke_table(rows: list[dict]) -> str:
     `4/4` all passed, `FAIL 1/4` with the failures, `skipped` (reason below)."""
     tests = _smoke_tests(rows)
     if not tests:
+        if any(r.get("kind") == "test" for r in rows):
+            skips = OrderedDict.fromkeys(r.get("message") for r in rows
+                                         if r.get("kind") == "test" and r.get("outcome") == "skipped")
+            return ("No per-case smoke results: " + pytest_summary(rows).splitlines()[0]
+                    + "".join(f"\n- skipped: {m}" for m in skips if m))
         return "No smoke results (the stage did not run, or was killed before its first test ended)."
     from .smoke import BACKENDS, DTYPES, OPS
 
@@ -333,7 +344,8 @@ def memcheck_line(status: dict) -> str:
         return f"compute-sanitizer memcheck: not run (dry run: the calls ran without it, {step.get('status')})."
     verdict = {"ok": "no errors", "failed": "ERRORS or a failure (see run.log)",
                "timeout": "cut at its limit"}.get(step.get("status"), step.get("status"))
-    return f"compute-sanitizer memcheck on one small call of each CUDA kernel: {verdict}."
+    note = f" ({step['note']})" if step.get("note") else ""
+    return f"compute-sanitizer memcheck on one small call of each CUDA kernel: {verdict}{note}."
 
 
 def stage_table(status: dict) -> str:
@@ -421,7 +433,7 @@ def device_run_markdown(run: DeviceRun) -> str:
     status = run.status
     out = [f"# device_run.sh — {run.device_name}, commit {status.get('git_commit')}", ""]
     if not run.is_gpu:
-        out += [f"> {DRY_RUN_NOTE}", ""]
+        out += [f"> {run.not_gpu_note}", ""]
     out += [f"Mode {status.get('mode')}, started {status.get('started')}, {status.get('elapsed_s')} s of a "
             f"{status.get('budget_s')} s budget; Triton cubins in the cache at the end: "
             f"{status.get('triton_cubins_in_cache')}"
@@ -452,7 +464,7 @@ def summary_text(run: DeviceRun) -> str:
     lines = [f"device_run.sh {run.status.get('mode')} run on {run.device_name}, commit "
              f"{run.status.get('git_commit')}, {run.status.get('elapsed_s')} s of {run.status.get('budget_s')} s"]
     if not run.is_gpu:
-        lines.append(f"NOTE: {DRY_RUN_NOTE}")
+        lines.append(f"NOTE: {run.not_gpu_note}")
     lines += ["", stage_table(run.status), "", "smoke (op × backend × dtype):", smoke_table(run.smoke),
               memcheck_line(run.status)]
     if run.status.get("compile_count") is not None:
@@ -461,7 +473,12 @@ def summary_text(run: DeviceRun) -> str:
     lines += ["", "other gpu tests: " + pytest_summary(run.gpu_tests, failures_shown=10).splitlines()[0]]
     if run.bench_rows:
         ok = sum(r.get("status") == "ok" for r in run.bench_rows)
-        lines.append(f"bench: {len(run.bench_rows)} rows, {ok} timed")
+        lines.append(f"bench: {len(run.bench_rows)} rows, {ok} timed; headline shapes "
+                     "(throughput of the median, fraction of the measured ceiling):")
+        for op in OrderedDict.fromkeys(r["op"] for r in run.bench_rows):
+            table = headline_table(op, run.bench_rows)
+            if table:
+                lines += ["", f"{op} ({METRIC_UNITS[metric_of(op)]})", table]
     return "\n".join(lines)
 
 
