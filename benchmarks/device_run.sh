@@ -210,10 +210,14 @@ stage_env() {
     build_note="dry run, nothing installed; ${build_note#"${build_note%%[![:space:]]*}"}"
   else
     run_step 1 build 170 60 env TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 "${install[@]}"
-    if [ "$last_rc" = 0 ]; then
+    build_note=$(grep -m1 'fastattn._C' "$work/step.out" || true)
+    build_note=${build_note#"${build_note%%[![:space:]]*}"}
+    if [ "$last_rc" = 0 ] && grep -q 'not building fastattn._C' "$work/step.out"; then
+      # pip succeeded but setup.py skipped the extension (say, nvcc not found): a failure here.
+      build_status=failed
+      record 1 build-check failed 0 0 "$build_note"
+    elif [ "$last_rc" = 0 ]; then
       build_status=ok
-      build_note=$(grep -m1 'fastattn._C' "$work/step.out" || true)
-      build_note=${build_note#"${build_note%%[![:space:]]*}"}
     else
       build_status=failed
       build_note="the build failed (see run.log); installed without fastattn._C so the Triton kernels still run"
