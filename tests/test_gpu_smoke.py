@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 
 from fastattn.bench import smoke
 from helpers import DEVICE, FACTOR, GRAD_FACTOR, assert_within_naive_error, max_error

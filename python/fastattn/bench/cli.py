@@ -93,7 +93,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _list(spec_names, sweep, args, providers, modes) -> int:
-    from .run import _providers_of
+    from .run import providers_of
     from .specs import get_spec
 
     total = 0
@@ -104,7 +104,7 @@ def _list(spec_names, sweep, args, providers, modes) -> int:
             print(f"{name}: not measured: {why}")
             continue
         shapes = spec.sweep(sweep)[: args.max_cases] if args.max_cases else spec.sweep(sweep)
-        wanted = _providers_of(providers, name)
+        wanted = providers_of(providers, name)
         names = [p for p in spec.providers if wanted is None or p in wanted]
         chosen_modes = [m for m in spec.modes if modes is None or m in modes]
         count = len(shapes) * len(chosen_modes) * len(names)

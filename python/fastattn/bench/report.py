@@ -10,6 +10,9 @@ the publishing of what a GPU run of benchmarks/device_run.sh brought back.
 
 The newest file is the one whose header row has the latest date among the files under
 benchmarks/results/<device>/*.jsonl that git tracks (GPU devices before CPU ones).
+The section names the device, versions and ceilings, shows for each op the plot and a
+table of its headline shapes (the largest size of each group), and links the run's
+full tables. Numbers come from that file only.
 
 --device-run DIR reads the files device_run.sh left in DIR (status.json, env.jsonl,
 smoke.jsonl, bench.jsonl, gpu-tests.jsonl, autotune.jsonl, run.log: the device tool's
@@ -19,9 +22,6 @@ files_at folder) and, for a GPU run, writes under benchmarks/results/<device>/:
 candidates, environment) and <date>-<commit>-device-run/ (the raw files but run.log);
 then it regenerates README.md's section and prints the summary. A CPU dry run is not a
 GPU result: it is summarized, and written only where --results-dir (and --readme) say.
-The section names the device, versions and ceilings, shows for each op the plot and a
-table of its headline shapes (the largest size of each group), and links the run's
-full tables. Numbers come from that file only.
 """
 
 from __future__ import annotations

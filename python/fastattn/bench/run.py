@@ -172,7 +172,7 @@ def run_benchmarks(
                            extra_providers=extra_providers or {})
         try:
             for spec, deadline in _with_deadlines(specs, time_budget_s, started):
-                spec_config = dataclasses.replace(config, providers=_providers_of(providers, spec.name))
+                spec_config = dataclasses.replace(config, providers=providers_of(providers, spec.name))
                 _run_spec(spec, spec_config, writer, output, deadline, progress=progress, plots=plots, stem=stem)
         except DeviceLost as exc:
             output.aborted = (f"run stopped: a provider broke the CUDA context ({exc}); rerun without it "
@@ -195,7 +195,7 @@ def run_benchmarks(
 SWEEP_TIMERS = {"quick": timing.QUICK, "quick-gpu": timing.QUICK, "cpu-quick": timing.CPU_QUICK}
 
 
-def _providers_of(providers, spec_name: str) -> Optional[list]:
+def providers_of(providers, spec_name: str) -> Optional[list]:
     """The provider names asked for `spec_name` (None: all of them)."""
     if providers is None:
         return None
