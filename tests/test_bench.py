@@ -466,3 +466,102 @@ def test_cli_user_errors_exit_2(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("fastattn-bench: error: ") and words in err and err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+# ----------------------------------------------------------------------------- device_run.sh's stages 2 and 3
+
+
+def test_quick_gpu_preset_is_the_device_runs_benchmark():
+    """--preset quick-gpu: attention at d 64/128 × seqlen 1k/4k/16k (16k tokens) × causal
+    or not against SDPA's flash and cuDNN backends; norms at 32k × 4k/8k; the FFNs at
+    16k × 4096 with the bare GEMMs; decode at batch 1 and 32 over a 32k cache; naive
+    everywhere; fwd and bwd."""
+    from fastattn.bench.run import PRESETS
+
+    preset = PRESETS["quick-gpu"]
+    assert preset.modes == ("fwd", "bwd") and preset.sweep == "quick-gpu" and preset.cpu_sweep == "cpu-quick"
+    for op, names in preset.providers.items():
+        assert "naive" in names and set(names) <= set(get_spec(op).providers), op
+    assert {"torch-flash", "torch-cudnn", "triton", "cuda"} <= set(preset.providers["attention"])
+    assert "gemm-only" in preset.providers["ffn"] and "torch" in preset.providers["rms_norm"]
+    attention = get_spec("attention").sweep("quick-gpu")
+    assert {(s["head_dim"], s["seqlen_q"], s["causal"]) for s in attention} == {
+        (d, s, c) for d in (64, 128) for s in (1024, 4096, 16384) for c in (False, True)}
+    assert {s["batch"] * s["seqlen_q"] for s in attention} == {16384}
+    for op in ("layer_norm", "rms_norm"):
+        assert {(s["rows"], s["hidden"]) for s in get_spec(op).sweep("quick-gpu")} == {(32768, 4096), (32768, 8192)}
+    for op in ("ffn", "gated_ffn"):
+        assert [(s["tokens"], s["d_model"]) for s in get_spec(op).sweep("quick-gpu")] == [(16384, 4096)]
+    decode = get_spec("decode_attention").sweep("quick-gpu")
+    assert {s["batch"] for s in decode} == {1, 32} and {s["cache_len"] for s in decode} == {32768}
+    for op, keys in SHAPE_KEYS.items():
+        assert all(set(s) == keys for s in get_spec(op).sweep("quick-gpu")), op
+
+
+def test_cli_preset_with_jsonl_writes_that_file_alone(tmp_path, capsys):
+    target = tmp_path / "bench.jsonl"
+    rc = bench_main(["--preset", "quick-gpu", "--op", "layer_norm", "--max-cases", "1", "--modes", "fwd",
+                     "--device", "cpu", "--jsonl", str(target), "--no-progress", "--out", str(tmp_path / "unused")])
+    assert rc == 0
+    capsys.readouterr()
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.jsonl"]
+    header, *rows = _read(target)
+    assert header["preset"] == "quick-gpu" and header["sweep"] == "cpu-quick"
+    assert header["providers"]["layer_norm"] == ["naive", "torch", "triton", "cuda"]
+    assert [(r["op"], r["mode"], r["provider"]) for r in rows] == [
+        ("layer_norm", "fwd", p) for p in ("naive", "torch", "triton", "cuda")]
+
+
+def test_smoke_matrices_cover_every_op_and_the_asked_shapes():
+    from fastattn.bench import smoke
+
+    for name, matrix in smoke.MATRICES.items():
+        assert {c.op for c in matrix} == set(smoke.OPS), name
+        assert len({c.id for c in matrix}) == len(matrix), name
+    # The tiny matrix mirrors the GPU one case for case (op and backends).
+    assert [(c.op, c.backends) for c in smoke.TINY] == [(c.op, c.backends) for c in smoke.SMOKE]
+    attention = [c.sizes for c in smoke.SMOKE if c.op == "attention"]
+    assert {s["head_dim"] for s in attention} == {64, 128, 256}
+    assert {s["causal"] for s in attention} == {False, True}
+    assert any(s["kv_heads"] < s["heads"] for s in attention)
+    assert any(s["seqlen_q"] % 2 or s["seqlen_k"] % 2 for s in attention)
+    assert [c.backends for c in smoke.SMOKE if c.op == "attention" and c.sizes["head_dim"] == 256] == [("triton",)]
+    decode = [c.sizes for c in smoke.SMOKE if c.op == "decode_attention"]
+    assert {s["page_size"] > 0 for s in decode} == {False, True}
+    for op in ("layer_norm", "rms_norm"):
+        assert {(c.sizes["hidden"], c.sizes["residual"]) for c in smoke.SMOKE if c.op == op} == {
+            (h, r) for h in (4096, 5000) for r in (False, True)}
+    for op in ("ffn", "gated_ffn"):
+        assert [(c.sizes["tokens"], c.sizes["d_model"], c.sizes["d_hidden"]) for c in smoke.SMOKE if c.op == op] \
+            == [(1024, 1024, 4096)]
+    assert len(smoke.params(smoke.SMOKE)) == sum(2 * len(c.backends) for c in smoke.SMOKE)
+
+
+def test_smoke_runner_flags_a_wrong_kernel(monkeypatch):
+    """The smoke's check (tests/helpers.py's rule on every output and gradient) passes
+    the Triton rms_norm and fails the same kernel with its output shifted by 0.05."""
+    import fastattn
+    from fastattn.bench import smoke
+    from fastattn.ops import rms_norm as rms_norm_op
+    from helpers import DEVICE, assert_within_naive_error
+
+    if DEVICE.type != "cpu" or "triton" not in fastattn.available_backends():
+        pytest.skip("runs the Triton interpreter on CPU")
+    case = next(c for c in smoke.TINY if c.op == "rms_norm" and c.sizes["residual"])
+    results = smoke.run_case(case, "triton", "float16", DEVICE)
+    assert set(results) == {"out", "out1", "dx", "dweight", "dresidual"}
+    for name, (ours, naive, ref) in results.items():
+        assert_within_naive_error(ours, naive, ref, factor=3.0, what=name)
+
+    right = dict.__getitem__(rms_norm_op.BACKENDS.forward, "triton")
+
+    def wrong(*args):
+        y, *rest = right(*args)
+        return (y + 0.05, *rest)
+
+    monkeypatch.setitem(rms_norm_op.BACKENDS.forward, "triton", wrong)
+    ours, naive, ref = smoke.run_case(case, "triton", "float16", DEVICE)["out"]
+    with pytest.raises(AssertionError, match="out: max error"):
+        assert_within_naive_error(ours, naive, ref, what="out")
+    with pytest.raises(smoke.SmokeSkip, match="cuda"):
+        smoke.run_case(case, "cuda", "float16", DEVICE)

@@ -5,6 +5,7 @@ PNG plots).
     fastattn-bench                              # every op, the full sweep (CUDA)
     fastattn-bench --op attention --quick       # a smaller sweep of one op
     fastattn-bench --op layer_norm --providers torch,triton --modes fwd
+    fastattn-bench --preset quick-gpu --jsonl out/bench.jsonl   # benchmarks/device_run.sh's stage 3
 
 Without a CUDA GPU it runs a small CPU sweep of the providers that run on CPU, to
 show the harness works; GPU numbers need a CUDA GPU.
@@ -17,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .run import OP_CHOICES
+from .run import OP_CHOICES, PRESETS
 from .spec import SWEEPS
 
 
@@ -25,8 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastattn-bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--op", default=["all"], choices=OP_CHOICES, action="append", dest="ops",
-                   help="op to benchmark (repeatable; default all). model = the reference "
+                   help="op to benchmark (repeatable; default all, or the preset's). model = the reference "
                         "Transformer's training step and decoding")
+    p.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                   help="a standard selection of ops, providers per op, modes and sweep; --op, --providers, "
+                        "--modes and --sweep override its parts. "
+                        + " ".join(f"{name}: {preset.description}." for name, preset in PRESETS.items()))
     p.add_argument("--quick", action="store_true", help="a smaller sweep (a few shapes per op)")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                    help="default: bfloat16 on CUDA, float32 on CPU")
@@ -46,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop measuring (rows marked skipped) after this long, shared out among the ops; "
                         "default 480 for the full CUDA sweep, none otherwise; 0 = no limit")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--jsonl", type=Path, default=None, metavar="PATH",
+                   help="write the results JSONL to exactly this file and nothing else (no Markdown, no plots; "
+                        "python -m fastattn.bench.report renders them later); --out is then unused")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--list", action="store_true", help="print the planned cases and exit")
     return p
@@ -62,22 +70,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .run import default_sweep, expand_ops, run_benchmarks
 
     ops = args.ops[1:] if len(args.ops) > 1 else args.ops  # drop the default when --op is given
-    problem = _user_error(args, expand_ops(ops))
-    if problem is not None:
-        print(f"fastattn-bench: error: {problem}", file=sys.stderr)
-        return 2
     if args.device == "cuda" and not torch.cuda.is_available():
         print("fastattn-bench: --device cuda asked for, but no CUDA device is available", file=sys.stderr)
         return 2
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     sweep = args.sweep or default_sweep(device, args.quick)
+    providers, modes = _split(args.providers), _split(args.modes)
+    if args.preset:
+        preset = PRESETS[args.preset]
+        ops = ops if len(args.ops) > 1 else list(preset.ops)
+        providers = providers if providers is not None else preset.providers
+        modes = modes if modes is not None else list(preset.modes)
+        sweep = args.sweep or (preset.sweep if device.type == "cuda" else preset.cpu_sweep)
+    problem = _user_error(args, expand_ops(ops))
+    if problem is not None:
+        print(f"fastattn-bench: error: {problem}", file=sys.stderr)
+        return 2
     if args.list:
-        return _list(expand_ops(ops), sweep, args)
+        return _list(expand_ops(ops), sweep, args, providers, modes)
     output = run_benchmarks(ops, out=args.out, device=device, dtype=dtype, sweep=sweep,
-                            providers=_split(args.providers), modes=_split(args.modes), max_cases=args.max_cases,
+                            providers=providers, modes=modes, max_cases=args.max_cases,
                             time_budget_s=args.time_budget, progress=not args.no_progress,
-                            plots=not args.no_plots)
+                            plots=not args.no_plots, jsonl_path=args.jsonl, preset=args.preset)
     return 1 if output.aborted else 0
 
 
@@ -102,10 +117,10 @@ def _user_error(args, spec_names) -> Optional[str]:
     return None
 
 
-def _list(spec_names, sweep, args) -> int:
+def _list(spec_names, sweep, args, providers, modes) -> int:
+    from .run import providers_of
     from .specs import get_spec
 
-    providers, modes = _split(args.providers), _split(args.modes)
     total = 0
     for name in spec_names:
         spec = get_spec(name)
@@ -114,7 +129,8 @@ def _list(spec_names, sweep, args) -> int:
             print(f"{name}: not measured: {why}")
             continue
         shapes = spec.sweep(sweep)[: args.max_cases] if args.max_cases else spec.sweep(sweep)
-        names = [p for p in spec.providers if providers is None or p in providers]
+        wanted = providers_of(providers, name)
+        names = [p for p in spec.providers if wanted is None or p in wanted]
         chosen_modes = [m for m in spec.modes if modes is None or m in modes]
         count = len(shapes) * len(chosen_modes) * len(names)
         total += count

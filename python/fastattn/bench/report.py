@@ -1,7 +1,9 @@
-"""The README's results section, generated from the newest committed results file.
+"""The README's results section, generated from the newest committed results file, and
+the publishing of what a GPU run of benchmarks/device_run.sh brought back.
 
     python -m fastattn.bench.report                      # print the section (Markdown)
     python -m fastattn.bench.report --check README.md    # exit 1 if README.md's copy is stale
+    python -m fastattn.bench.report --device-run DIR     # publish a device run (below)
 
     from fastattn.bench.report import render_readme_section
     text = render_readme_section("benchmarks/results")
@@ -11,13 +13,25 @@ benchmarks/results/<device>/*.jsonl that git tracks (GPU devices before CPU ones
 The section names the device, versions and ceilings, shows for each op the plot and a
 table of its headline shapes (the largest size of each group), and links the run's
 full tables. Numbers come from that file only.
+
+--device-run DIR reads the files device_run.sh left in DIR (status.json, env.jsonl,
+smoke.jsonl, bench.jsonl, gpu-tests.jsonl, autotune.jsonl, run.log: the device tool's
+files_at folder) and, for a GPU run, writes under benchmarks/results/<device>/:
+<date>-<commit>.jsonl (the benchmark rows), .md (their tables), -<op>.png (plots),
+-device-run.md (stages, smoke pass/fail per op × backend × dtype, gpu tests, autotune
+candidates, environment) and <date>-<commit>-device-run/ (the raw files but run.log);
+then it regenerates README.md's section and prints the summary. A CPU dry run is not a
+GPU result: it is summarized, and written only where --results-dir (and --readme) say.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from collections import OrderedDict
@@ -120,10 +134,11 @@ def headline_table(op: str, rows: list[dict]) -> str:
 
 def render_readme_section(results_dir: Path | str = REPO_ROOT / "benchmarks" / "results", *,
                           readme_dir: Path | str = REPO_ROOT, heading_level: int = 2,
-                          committed_only: bool = True, markers: bool = True) -> str:
+                          committed_only: bool = True, markers: bool = True, path: Optional[Path] = None) -> str:
     """The README's results section as Markdown (between BEGIN/END markers when
-    `markers`), with paths relative to readme_dir."""
-    path = newest_results(results_dir, committed_only=committed_only)
+    `markers`), with paths relative to readme_dir; from `path`, else the newest results
+    file under results_dir."""
+    path = Path(path) if path is not None else newest_results(results_dir, committed_only=committed_only)
     h = "#" * heading_level
     body = [f"{h} Benchmark results", ""]
     if path is None:
@@ -157,6 +172,12 @@ def render_readme_section(results_dir: Path | str = REPO_ROOT / "benchmarks" / "
             body += [f"- {n}" for n in failures] + ([""] if failures else [])
         for op, reason in header.get("skipped_ops", {}).items():
             body += [f"{h}# {op}", "", f"Not measured: {reason}", ""]
+        smoke_file = path.with_name(f"{path.stem}{DEVICE_RUN_SUFFIX}") / "smoke.jsonl"
+        if smoke_file.exists():
+            body += [f"{h}# Correctness on this device (device_run.sh stage 2)", "",
+                     "Every op × backend × dtype, forward and backward, against the float64 reference "
+                     "(tests/test_gpu_smoke.py); cells count the cases that passed.", "",
+                     smoke_table(read_jsonl(smoke_file)), ""]
     text = "\n".join(body).rstrip() + "\n"
     return f"{BEGIN}\n{text}{END}\n" if markers else text
 
@@ -171,6 +192,357 @@ def replace_section(readme_text: str, section: str) -> str:
     return readme_text.rstrip("\n") + "\n\n" + section
 
 
+# ----------------------------------------------------------------------------- device runs
+
+DEVICE_RUN_SUFFIX = "-device-run"
+DEVICE_RUN_FILES = ("status.json", "env.jsonl", "smoke.jsonl", "bench.jsonl", "gpu-tests.jsonl", "autotune.jsonl")
+DEFAULT_RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+DRY_RUN_NOTE = ("This is a CPU dry run of benchmarks/device_run.sh (the Triton interpreter, tiny shapes, CPU "
+                "timings): it shows that the script and its files work. It is not a GPU result, and nothing of it "
+                "belongs under benchmarks/results/.")
+NO_GPU_NOTE = ("This run of benchmarks/device_run.sh found no CUDA GPU: it is not a GPU result, and nothing of it "
+               "belongs under benchmarks/results/.")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON Lines file; a last line cut short (a killed run) is dropped."""
+    rows = []
+    if not Path(path).exists():
+        return rows
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+class DeviceRun:
+    """What benchmarks/device_run.sh left in a folder (any file may be missing)."""
+
+    def __init__(self, directory: Path | str):
+        self.directory = Path(directory)
+        status_path = self.directory / "status.json"
+        if not status_path.exists():
+            raise FileNotFoundError(f"{status_path} not found: --device-run takes the folder device_run.sh wrote "
+                                    "(the device tool's files_at)")
+        self.status = json.loads(status_path.read_text(encoding="utf-8"))
+        self.env = read_jsonl(self.directory / "env.jsonl")
+        self.smoke = read_jsonl(self.directory / "smoke.jsonl")
+        bench = read_jsonl(self.directory / "bench.jsonl")
+        self.bench_header = bench[0] if bench and bench[0].get("kind") == "header" else {}
+        self.bench_rows = [r for r in bench if r.get("kind") != "header"]
+        self.gpu_tests = read_jsonl(self.directory / "gpu-tests.jsonl")
+        self.autotune = read_jsonl(self.directory / "autotune.jsonl")
+
+    def env_row(self, kind: str) -> dict:
+        return next((r for r in self.env if r.get("kind") == kind), {})
+
+    @property
+    def not_gpu_note(self) -> str:
+        return DRY_RUN_NOTE if self.status.get("mode") == "dry-run" else NO_GPU_NOTE
+
+    @property
+    def is_gpu(self) -> bool:
+        """A GPU run: the script ran in GPU mode and the device it recorded is CUDA."""
+        device = self.env_row("device")
+        on_cuda = device.get("cuda") if device else not str(self.bench_header.get("device", "CPU")).startswith("CPU")
+        return self.status.get("mode") == "gpu" and bool(on_cuda)
+
+    @property
+    def device_name(self) -> str:
+        return self.env_row("device").get("device") or self.bench_header.get("device") or "unknown device"
+
+    @property
+    def slug(self) -> str:
+        slug = self.env_row("device").get("slug")
+        if slug:
+            return slug
+        return re.sub(r"[^a-z0-9]+", "-", self.device_name.lower()).strip("-") or "unknown"
+
+    @property
+    def stem(self) -> str:
+        date = (self.bench_header.get("date") or self.env_row("versions").get("date")
+                or self.status.get("started") or "unknown-date")
+        commit = (self.bench_header.get("git_commit") or self.env_row("versions").get("git_commit")
+                  or self.status.get("git_commit") or "unknown")
+        return f"{date[:10]}-{commit}"
+
+
+def _smoke_tests(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r.get("kind") == "test" and "smoke" in r.get("properties", {})]
+
+
+def smoke_table(rows: list[dict]) -> str:
+    """Pass/fail per op × backend (rows) × dtype (columns) from the smoke stage's rows:
+    `4/4` all passed, `FAIL 1/4` with the failures, `skipped` (reason below)."""
+    tests = _smoke_tests(rows)
+    if not tests:
+        if any(r.get("kind") == "test" for r in rows):
+            skips = OrderedDict.fromkeys(r.get("message") for r in rows
+                                         if r.get("kind") == "test" and r.get("outcome") == "skipped")
+            return ("No per-case smoke results: " + pytest_summary(rows).splitlines()[0]
+                    + "".join(f"\n- skipped: {m}" for m in skips if m))
+        return "No smoke results (the stage did not run, or was killed before its first test ended)."
+    from .smoke import BACKENDS, DTYPES, OPS
+
+    def order(value, known):
+        return (known.index(value), "") if value in known else (len(known), value)
+
+    tests = sorted(tests, key=lambda t: (order(t["properties"]["smoke"]["op"], OPS),
+                                         order(t["properties"]["smoke"]["backend"], BACKENDS)))
+    dtypes = sorted(OrderedDict.fromkeys(t["properties"]["smoke"]["dtype"] for t in tests),
+                    key=lambda d: order(d, DTYPES))
+    cells: "OrderedDict[tuple, dict]" = OrderedDict()
+    reasons: "OrderedDict[str, list]" = OrderedDict()
+    for t in tests:
+        s = t["properties"]["smoke"]
+        cell = cells.setdefault((s["op"], s["backend"]), {}).setdefault(s["dtype"], {"passed": 0, "failed": 0,
+                                                                                     "skipped": 0, "error": 0})
+        cell[t["outcome"]] = cell.get(t["outcome"], 0) + 1
+        if t["outcome"] == "skipped":
+            where = f"{s['op']} {s['backend']} {s['dtype']}"
+            where_list = reasons.setdefault(t.get("message") or "no reason given", [])
+            if where not in where_list:
+                where_list.append(where)
+    lines = [f"| op | backend | {' | '.join(dtypes)} |", "|---|---|" + "---|" * len(dtypes)]
+    for (op, backend), by_dtype in cells.items():
+        row = []
+        for dtype in dtypes:
+            c = by_dtype.get(dtype)
+            ran = (c["passed"] + c["failed"] + c["error"]) if c else 0
+            if c is None:
+                row.append("—")
+            elif c["failed"] or c["error"]:
+                row.append(f"FAIL {c['failed'] + c['error']}/{ran}")
+            elif ran:
+                row.append(f"{c['passed']}/{ran}" + (f" (+{c['skipped']} skipped)" if c["skipped"] else ""))
+            else:
+                row.append("skipped")
+        lines.append(f"| {op} | {backend} | {' | '.join(row)} |")
+    failures = [t for t in tests if t["outcome"] in ("failed", "error")]
+    if failures:
+        lines.append("")
+        for t in failures:
+            s = t["properties"]["smoke"]
+            message = (t.get("message") or "").strip().splitlines()
+            lines.append(f"- FAIL {s['op']} {s['case']} {s['backend']} {s['dtype']}: "
+                         f"{message[-1] if message else t['outcome']}")
+    if reasons:
+        lines.append("")
+        lines.extend(f"- skipped ({', '.join(where)}): {reason}" for reason, where in reasons.items())
+    return "\n".join(lines)
+
+
+def memcheck_line(status: dict) -> str:
+    step = next((s for s in status.get("steps", []) if s.get("step") == "memcheck"), None)
+    if step is None:
+        return "compute-sanitizer memcheck: not run."
+    if status.get("mode") != "gpu":
+        return f"compute-sanitizer memcheck: not run (dry run: the calls ran without it, {step.get('status')})."
+    verdict = {"ok": "no errors", "failed": "ERRORS or a failure (see run.log)",
+               "timeout": "cut at its limit"}.get(step.get("status"), step.get("status"))
+    note = f" ({step['note']})" if step.get("note") else ""
+    return f"compute-sanitizer memcheck on one small call of each CUDA kernel: {verdict}{note}."
+
+
+def stage_table(status: dict) -> str:
+    lines = ["| stage | step | status | seconds | limit (s) | note |", "|---:|---|---|---:|---:|---|"]
+    for step in status.get("steps", []):
+        note = (step.get("note") or "").replace("|", "\\|")
+        lines.append(f"| {step.get('stage')} | {step.get('step')} | {step.get('status')} | {step.get('seconds')} | "
+                     f"{step.get('limit_s')} | {note} |")
+    if not status.get("finished"):
+        lines.append("")
+        lines.append("The run did not finish (killed at the device limit?): the steps above are all it recorded.")
+    return "\n".join(lines)
+
+
+def pytest_summary(rows: list[dict], *, failures_shown: int = 30) -> str:
+    tests = [r for r in rows if r.get("kind") == "test"]
+    if not tests:
+        return "No test results (the step did not run, or was killed before its first test ended)."
+    counts: dict = {}
+    for t in tests:
+        counts[t["outcome"]] = counts.get(t["outcome"], 0) + 1
+    summary = next((r for r in rows if r.get("kind") == "summary"), None)
+    line = ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items()))
+    line += (f" (pytest exit status {summary['exitstatus']}, {summary['duration_s']} s)" if summary
+             else " (cut short: no summary row)")
+    lines = [line]
+    failed = [t for t in tests if t["outcome"] in ("failed", "error")]
+    if failed:
+        lines.append("")
+        for t in failed[:failures_shown]:
+            message = (t.get("message") or "").strip().splitlines()
+            lines.append(f"- {t['outcome'].upper()} {t['nodeid']}: {message[-1] if message else ''}"[:400])
+        if len(failed) > failures_shown:
+            lines.append(f"- ... and {len(failed) - failures_shown} more")
+    return "\n".join(lines)
+
+
+def autotune_table(rows: list[dict]) -> str:
+    configs = [r for r in rows if r.get("kind") == "config"]
+    notes = [r["note"] for r in rows if r.get("kind") == "autotune" and r.get("note")]
+    errors = [f"{r['shape']}: {r['error']}" for r in rows if r.get("kind") == "error"]
+    lines = [f"> {n}" for n in notes] + ([""] if notes else [])
+    if configs:
+        lines += ["| shape | kernel | key | chosen config |", "|---|---|---|---|"]
+        for r in configs:
+            key = ", ".join(f"{k}={v}" for k, v in r.get("key", {}).items())
+            config = ", ".join(f"{k}={v}" for k, v in r.get("config", {}).items() if v is not None)
+            lines.append(f"| {r.get('shape')} | {r.get('kernel')} | {key} | {config} |")
+    elif not rows:
+        lines.append("No autotune results (the step did not run).")
+    else:
+        lines.append("No config was tuned.")
+    lines += [f"- error {e}" for e in errors]
+    lines += [f"- stopped during {r['shape']} ({r['signal']}): keys tuned before it are kept"
+              for r in rows if r.get("kind") == "interrupted"]
+    lines += [f"- not run: {r['shape']} ({r['reason']})" for r in rows if r.get("kind") == "skipped"]
+    return "\n".join(lines)
+
+
+def environment_lines(run: DeviceRun) -> list[str]:
+    versions, device, build = run.env_row("versions"), run.env_row("device"), run.env_row("build")
+    extension, ceilings = run.env_row("extension"), run.env_row("ceilings")
+    lines = []
+    if device:
+        extra = ", ".join(f"{k} {device[k]}" for k in ("capability", "sm_count", "total_memory_gib") if k in device)
+        lines.append(f"- device: {device.get('device')}" + (f" ({extra})" if extra else ""))
+    if versions:
+        lines.append(f"- python {versions.get('python')}, torch {versions.get('torch')} (CUDA "
+                     f"{versions.get('torch_cuda')}), triton {versions.get('triton')}, numpy {versions.get('numpy')}, "
+                     f"nvcc: {versions.get('nvcc')}; commit {versions.get('git_commit')}")
+    if build:
+        lines.append(f"- build of fastattn._C: {build.get('status')} in {build.get('seconds')} s"
+                     + (f": {build['note']}" if build.get("note") else ""))
+    if extension:
+        lines.append(f"- fastattn._C loaded: {extension.get('loaded')}"
+                     + (f", build_info {extension['build_info']}" if extension.get("build_info") else "")
+                     + (f" ({extension['reason']})" if extension.get("reason") else ""))
+    if ceilings:
+        lines.append(f"- ceilings: matmul {ceilings.get('matmul_tflops', 0):.4g} TFLOP/s ({ceilings.get('matmul_desc')}),"
+                     f" copy {ceilings.get('copy_tbps', 0):.4g} TB/s ({ceilings.get('copy_desc')})")
+    return lines or ["- no environment recorded (stage 1 did not run)"]
+
+
+def device_run_markdown(run: DeviceRun) -> str:
+    status = run.status
+    out = [f"# device_run.sh — {run.device_name}, commit {status.get('git_commit')}", ""]
+    if not run.is_gpu:
+        out += [f"> {run.not_gpu_note}", ""]
+    out += [f"Mode {status.get('mode')}, started {status.get('started')}, {status.get('elapsed_s')} s of a "
+            f"{status.get('budget_s')} s budget; Triton cubins in the cache at the end: "
+            f"{status.get('triton_cubins_in_cache')}"
+            + (f"; Triton variants the GPU run compiles (counted): {status['compile_count']}"
+               if status.get("compile_count") is not None else "") + ".", ""]
+    out += ["## Stages", "", stage_table(status), ""]
+    out += ["## Environment", ""] + environment_lines(run) + [""]
+    out += ["## Correctness smoke (stage 2)", "", smoke_table(run.smoke), "", memcheck_line(run.status), ""]
+    if run.bench_rows:
+        counts: dict = {}
+        for r in run.bench_rows:
+            counts[r.get("status")] = counts.get(r.get("status"), 0) + 1
+        out += ["## Quick benchmark (stage 3)", "",
+                f"{len(run.bench_rows)} rows: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())), ""]
+        failures = [n for n in provider_notes(run.bench_rows) if " skipped " not in n]
+        out += [f"- {n}" for n in failures] + ([""] if failures else [])
+    else:
+        out += ["## Quick benchmark (stage 3)", "", "No benchmark rows.", ""]
+    out += ["## Other gpu tests (stage 4)", "", pytest_summary(run.gpu_tests), ""]
+    out += ["## Autotune candidates (stage 4)", "",
+            "Configs Triton's autotuner chose per key with FASTATTN_AUTOTUNE=1: candidates for the static "
+            "tables of kernels/_config.py, not results.", "", autotune_table(run.autotune), ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def summary_text(run: DeviceRun) -> str:
+    """The short summary printed at the end of a run and by --device-run."""
+    lines = [f"device_run.sh {run.status.get('mode')} run on {run.device_name}, commit "
+             f"{run.status.get('git_commit')}, {run.status.get('elapsed_s')} s of {run.status.get('budget_s')} s"]
+    if not run.is_gpu:
+        lines.append(f"NOTE: {run.not_gpu_note}")
+    lines += ["", stage_table(run.status), "", "smoke (op × backend × dtype):", smoke_table(run.smoke),
+              memcheck_line(run.status)]
+    if run.status.get("compile_count") is not None:
+        lines += ["", f"Triton kernel variants the GPU run compiles (default configs, smoke matrix): "
+                      f"{run.status['compile_count']}"]
+    lines += ["", "other gpu tests: " + pytest_summary(run.gpu_tests, failures_shown=10).splitlines()[0]]
+    if run.bench_rows:
+        ok = sum(r.get("status") == "ok" for r in run.bench_rows)
+        lines.append(f"bench: {len(run.bench_rows)} rows, {ok} timed; headline shapes "
+                     "(throughput of the median, fraction of the measured ceiling):")
+        for op in OrderedDict.fromkeys(r["op"] for r in run.bench_rows):
+            table = headline_table(op, run.bench_rows)
+            if table:
+                lines += ["", f"{op} ({METRIC_UNITS[metric_of(op)]})", table]
+    return "\n".join(lines)
+
+
+def publish_device_run(run: DeviceRun, results_dir: Path, readme: Optional[Path], log=print) -> list[Path]:
+    """Write a device run's results under results_dir/<device>/ and its README section."""
+    from .plots import plot_op
+    from .results import markdown_report
+
+    directory = Path(results_dir) / run.slug
+    raw = directory / f"{run.stem}{DEVICE_RUN_SUFFIX}"
+    raw.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in DEVICE_RUN_FILES:
+        source = run.directory / name
+        if source.exists() and name != "bench.jsonl":
+            target = raw / name
+            shutil.copyfile(source, target)
+            written.append(target)
+    summary = directory / f"{run.stem}{DEVICE_RUN_SUFFIX}.md"
+    summary.write_text(device_run_markdown(run), encoding="utf-8")
+    written.append(summary)
+    results_file = None
+    if run.bench_header and run.bench_rows:
+        results_file = directory / f"{run.stem}.jsonl"
+        shutil.copyfile(run.directory / "bench.jsonl", results_file)
+        markdown = results_file.with_suffix(".md")
+        markdown.write_text(markdown_report(run.bench_header, run.bench_rows), encoding="utf-8")
+        written += [results_file, markdown]
+        if importlib.util.find_spec("matplotlib") is not None:
+            for op in OrderedDict.fromkeys(r["op"] for r in run.bench_rows):
+                png = plot_op(run.bench_header, run.bench_rows, op, directory / f"{run.stem}-{op}.png")
+                if png is not None:
+                    written.append(png)
+        else:
+            log("matplotlib is not installed: no plots")
+    if readme is not None and results_file is not None:
+        section = render_readme_section(results_dir, readme_dir=readme.parent, path=results_file)
+        readme.write_text(replace_section(readme.read_text(encoding="utf-8"), section), encoding="utf-8")
+        written.append(readme)
+    elif readme is not None:
+        log("no benchmark rows in this run: the README section is left as it is")
+    return written
+
+
+def _device_run_main(args) -> int:
+    run = DeviceRun(args.device_run)
+    print(summary_text(run))
+    if args.summary_only:
+        return 0
+    default_dir = args.results_dir.resolve() == DEFAULT_RESULTS_DIR.resolve()
+    if not run.is_gpu and default_dir:
+        print(f"\nNot written: this is not a GPU run (mode {run.status.get('mode')}, device {run.device_name}). "
+              f"Nothing was written under {args.results_dir}.")
+        return 0
+    readme = None if args.no_readme else (args.readme or (REPO_ROOT / "README.md" if run.is_gpu else None))
+    written = publish_device_run(run, args.results_dir, readme)
+    print("\nwritten:")
+    for path in written:
+        print(f"  {path}")
+    if run.is_gpu:
+        print("\nRead them, then commit benchmarks/results/ and README.md.")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fastattn.bench.report", description=__doc__.split("\n\n")[0])
     p.add_argument("--results-dir", type=Path, default=REPO_ROOT / "benchmarks" / "results")
@@ -178,7 +550,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--include-uncommitted", action="store_true", help="also consider files git does not track")
     p.add_argument("--write", type=Path, metavar="README", help="replace the section in this file in place")
     p.add_argument("--check", type=Path, metavar="README", help="exit 1 if this file's section is not current")
+    p.add_argument("--device-run", type=Path, metavar="DIR",
+                   help="publish what benchmarks/device_run.sh left in DIR (the device tool's files_at): results, "
+                        "plots, summary and, for a GPU run, README.md's section; a CPU dry run only where "
+                        "--results-dir points elsewhere than benchmarks/results")
+    p.add_argument("--readme", type=Path, default=None,
+                   help="with --device-run: the README to update (default README.md for a GPU run)")
+    p.add_argument("--no-readme", action="store_true", help="with --device-run: leave the README alone")
+    p.add_argument("--summary-only", action="store_true", help="with --device-run: print the summary, write nothing")
     args = p.parse_args(argv)
+    if args.device_run is not None:
+        return _device_run_main(args)
     target = args.write or args.check
     section = render_readme_section(args.results_dir, readme_dir=(target.parent if target else REPO_ROOT),
                                     heading_level=args.heading_level, committed_only=not args.include_uncommitted)

@@ -20,7 +20,8 @@ from torch import Tensor
 from .. import backends
 from .reference import Reference, RowChunkedReference
 
-SWEEPS = ("full", "quick", "cpu", "cpu-quick")
+# quick-gpu: the shapes of device_run.sh's quick benchmark (fastattn-bench --preset quick-gpu).
+SWEEPS = ("full", "quick", "quick-gpu", "cpu", "cpu-quick")
 
 # Column order of providers in tables and plots; names not listed go last.
 PROVIDER_ORDER = (

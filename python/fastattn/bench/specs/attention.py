@@ -43,6 +43,8 @@ class AttentionSpec(OpSpec):
                     for s in (512, 1024, 2048, 4096, 8192, 16384)]
         if kind == "quick":
             return [_targets_shape(s, d, c) for d in (128, 64) for c in (False, True) for s in (1024, 4096)]
+        if kind == "quick-gpu":
+            return [_targets_shape(s, d, c) for d in (128, 64) for c in (False, True) for s in (1024, 4096, 16384)]
         if kind == "cpu":
             return [_shape(2, 4, s, 64, c) for c in (False, True) for s in (128, 256, 512)]
         return [_shape(2, 4, s, 32, c) for c in (False, True) for s in (64, 128)]

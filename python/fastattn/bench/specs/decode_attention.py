@@ -36,6 +36,8 @@ class DecodeSpec(OpSpec):
                     + [_shape(16, n, page_size=256) for n in (16384, 65536)])
         if kind == "quick":
             return [_shape(b, n) for b in (1, 32) for n in (8192, 65536)] + [_shape(32, 16384, page_size=256)]
+        if kind == "quick-gpu":
+            return [_shape(b, 32768) for b in (1, 32)] + [_shape(32, 32768, page_size=256)]
         small = dict(heads=8, kv_heads=2, head_dim=64)
         if kind == "cpu":
             return ([_shape(b, n, **small) for b in (1, 4) for n in (1024, 4096)]

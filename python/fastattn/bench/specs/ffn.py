@@ -46,6 +46,8 @@ class FfnSpec(OpSpec):
             return [self._shape(16384, d) for d in (1024, 2048, 4096)]
         if kind == "quick":
             return [self._shape(16384, d) for d in (1024, 4096)]
+        if kind == "quick-gpu":
+            return [self._shape(16384, 4096)]
         if kind == "cpu":
             return [self._shape(512, d) for d in (128, 256, 512)]
         return [self._shape(256, d) for d in (64, 128)]

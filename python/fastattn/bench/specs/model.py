@@ -54,10 +54,12 @@ class ModelSpec(OpSpec):
     def sweep(self, kind):
         if self.train:
             table = {"full": [("gpt2-medium", 4, 2048)], "quick": [("gpt2-small", 4, 1024)],
-                     "cpu": [("tiny", 4, 128)], "cpu-quick": [("tiny", 2, 64)]}[kind]
+                     "quick-gpu": [("gpt2-small", 4, 1024)], "cpu": [("tiny", 4, 128)],
+                     "cpu-quick": [("tiny", 2, 64)]}[kind]
             return [{"preset": p, "batch": b, "seqlen": s} for p, b, s in table]
         table = {"full": [("gpt2-medium", b, 2048, 256) for b in (1, 32)],
                  "quick": [("gpt2-small", b, 512, 64) for b in (1, 32)],
+                 "quick-gpu": [("gpt2-small", b, 512, 64) for b in (1, 32)],
                  "cpu": [("tiny", b, 64, 16) for b in (1, 4)],
                  "cpu-quick": [("tiny", 2, 32, 8)]}[kind]
         return [{"preset": p, "batch": b, "prompt_len": s, "new_tokens": n} for p, b, s, n in table]

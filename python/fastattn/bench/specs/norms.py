@@ -37,6 +37,8 @@ class NormSpec(OpSpec):
             return [_shape(32768, h, r) for r in (False, True) for h in (1024, 4096, 8192, 16384, 65536)]
         if kind == "quick":
             return [_shape(32768, h, r) for r in (False, True) for h in (1024, 8192)]
+        if kind == "quick-gpu":
+            return [_shape(32768, h, r) for r in (False, True) for h in (4096, 8192)]
         if kind == "cpu":
             return [_shape(2048, h, r) for r in (False, True) for h in (256, 1024, 4096)]
         return [_shape(512, h, r) for r in (False, True) for h in (256, 1024)]
