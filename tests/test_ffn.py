@@ -177,8 +177,10 @@ def test_pinned_config_variable(monkeypatch):
 
     monkeypatch.setenv(_config.FFN_CONFIG_ENV, "BLOCK_M=16,BLOCK_N=64,BLOCK_K=16,GROUP_M=1")
     pinned = _config.ffn_pinned_config()
-    assert pinned["BLOCK_M"] == 16 and pinned["BLOCK_K"] == 16
-    assert pinned["num_warps"] == _config.FFN_DEFAULT["num_warps"]
+    assert pinned == {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 1}
+    base = (dict(_config.FFN_INTERPRETER_CONFIG) if _config.interpreted()
+            else _config.ffn_default("fwd", _config.arch_of(TRITON_DEVICE), torch.float32, 33))
+    assert _config.ffn_launch_config("fwd", TRITON_DEVICE, torch.float32, 33) == {**base, **pinned}
     check_against_reference(OP, make_inputs(33, 40, 96, 40, device=TRITON_DEVICE), torch.float32, "triton", "gelu")
     for bad in ("BLOCK_M=48", "BLOCK_M=8", "BLOCK_Q=16", "num_warps=0", "BLOCK_M"):
         monkeypatch.setenv(_config.FFN_CONFIG_ENV, bad)
@@ -187,20 +189,23 @@ def test_pinned_config_variable(monkeypatch):
 
 
 def test_autotune_space():
+    """FASTATTN_AUTOTUNE=1 tries at most 8 configs per kernel and GPU family, each within
+    the register and shared-memory rules, fewer for a few tokens."""
     from fastattn.kernels import _config
 
-    for accumulators in (1, 2):
-        configs = _config.ffn_configs(accumulators)
-        assert configs
-        for c in configs:
-            m, n, k = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-            assert _config.ffn_keep(m, n, k, c.num_warps, c.num_stages, accumulators)
-            assert accumulators * m * n // (32 * c.num_warps) <= _config.FFN_ACCUMULATOR_REGISTERS[1]
-    prune = _config.ffn_prune_for_inputs(1)
-    small = prune(_config.ffn_configs(1), {}, A=torch.empty(1, dtype=torch.float32), M=8, N=8000, K=64)
+    for family, arch in (("sm90", 90), ("sm80", 80)):
+        for kernel in _config.FFN_KERNELS:
+            accumulators = _config.ffn_accumulators(kernel)
+            configs = _config.ffn_configs(kernel, family)
+            assert 1 <= len(configs) <= 8
+            for c in configs:
+                m, n, k = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+                assert _config.ffn_keep(m, n, k, c.num_warps, c.num_stages, accumulators, 2, arch)
+    prune = _config.ffn_prune("fwd")
+    small = prune(_config.ffn_configs("fwd", "sm90"), {}, A=torch.empty(1, dtype=torch.float32), M=8, N=8000, K=64)
     assert small and all(c.kwargs["BLOCK_M"] == 64 for c in small)
-    assert all(c.num_stages * c.kwargs["BLOCK_K"] * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * 4
-               <= _config.FFN_SHARED_MEMORY for c in small)
+    assert all(_config.ffn_shared_memory(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages,
+                                         1, 4) <= _config.shared_memory_per_block(90) for c in small)
 
 
 def test_triton_limits():
@@ -261,7 +266,7 @@ _COMPILE_FOR_GPU = textwrap.dedent("""
     TARGETS = ((90, "bf16", "tf32"), (90, "fp32", "tf32"), (80, "fp16", "tf32"), (80, "fp32", "ieee"))
     for arch, dtype, precision in TARGETS:
         for fn in (K._ffn_fwd_kernel, K._gated_ffn_fwd_kernel, K._ffn_bwd_dact_kernel,
-                   K._gated_ffn_bwd_dgated_kernel, K._ffn_bwd_gemm_kernel):
+                   K._gated_ffn_bwd_dgated_kernel, K._ffn_bwd_dw_kernel, K._ffn_bwd_dx_kernel):
             signature, constants, attrs = {}, {}, {}
             for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
                 if param.is_constexpr:
@@ -295,7 +300,7 @@ def test_kernels_compile_for_sm90_and_sm80():
     done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_GPU], env=env, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("\n") == 20
+    assert done.stdout.count("\n") == 24
 
 
 # ----------------------------------------------------------------------------- GPU only
@@ -336,3 +341,4 @@ def test_gpu_auto_prefers_triton_and_compiles():
     cotangent = torch.randn(256, 512, device=GPU)
     check_compiled_matches_eager(lambda *t: fastattn.ffn(*t, backend="triton"), inputs, cotangent,
                                  dtype=torch.bfloat16, atol=ATOL[torch.bfloat16], rtol=1.6e-2)
+
