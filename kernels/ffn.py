@@ -534,6 +534,10 @@ _KERNELS = {
     "dw": _ffn_bwd_dw_kernel,
     "dx": _ffn_bwd_dx_kernel,
 }
+# outputs a kernel may write over one of its inputs (recompute: dH over H, dG and dU over
+# G and U): the autotuner runs every config on the same buffers, so it restores them
+# after each run
+_WRITTEN_OVER_INPUTS = {"dact": ["DPRE"], "dgated": ["DGATE", "DUP"]}
 _tuned: dict = {}
 
 
@@ -544,6 +548,7 @@ def _autotuned(name: str, family: str):
             configs=_config.ffn_configs(name, family),
             key=["TUNE_KEY"],
             prune_configs_by={"early_config_prune": _config.ffn_prune(name)},
+            restore_value=_WRITTEN_OVER_INPUTS.get(name),
             cache_results=True,
         )(_KERNELS[name])
     return _tuned[name, family]

@@ -22,7 +22,7 @@ from fastattn import reference
 from fastattn.ops import ffn as ffn_op
 from ffn_cases import (
     ACTIVATIONS, FFN, GPU, SHAPES, TRITON_DEVICE, as_leaves, check_against_reference, check_compiled_matches_eager,
-    check_no_tokens, check_recompute_matches_saved, run,
+    check_no_tokens, check_recompute_matches_saved, force_autotuning, run,
 )
 from helpers import ATOL, backends_of
 
@@ -342,3 +342,17 @@ def test_gpu_auto_prefers_triton_and_compiles():
     check_compiled_matches_eager(lambda *t: fastattn.ffn(*t, backend="triton"), inputs, cotangent,
                                  dtype=torch.bfloat16, atol=ATOL[torch.bfloat16], rtol=1.6e-2)
 
+
+# ----------------------------------------------------------------------------- issue 14
+
+
+@pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "saved"])
+def test_autotuned_backward_with_recomputed_hidden(recompute, monkeypatch):
+    """With autotuning on, the backward that writes dH over the recomputed H (recompute)
+    is still right: the autotuner reruns the kernel on the same buffers while it times
+    the configs, so it must restore H between runs."""
+    if TRITON_DEVICE.type == "cuda":
+        pytest.skip("forces the autotuner under the interpreter; on a GPU FASTATTN_AUTOTUNE=1 does it")
+    benched = force_autotuning(monkeypatch)
+    check_against_reference(OP, make_inputs(33, 40, 96, 40), torch.float32, "triton", "gelu", recompute=recompute)
+    assert "_ffn_bwd_dact_kernel" in benched

@@ -17,7 +17,7 @@ from fastattn import reference
 from fastattn.ops import gated_ffn as gated_op
 from ffn_cases import (
     ACTIVATIONS, GATED_FFN, GPU, SHAPES, TRITON_DEVICE, as_leaves, check_against_reference,
-    check_compiled_matches_eager, check_no_tokens, check_recompute_matches_saved,
+    check_compiled_matches_eager, check_no_tokens, check_recompute_matches_saved, force_autotuning,
 )
 from helpers import ATOL, backends_of
 
@@ -198,3 +198,18 @@ def test_gpu_compiles():
     cotangent = torch.randn(256, 512, device=GPU)
     check_compiled_matches_eager(lambda *t: fastattn.gated_ffn(*t, backend="triton"), inputs, cotangent,
                                  dtype=torch.bfloat16, atol=ATOL[torch.bfloat16], rtol=1.6e-2)
+
+
+# ----------------------------------------------------------------------------- issue 14
+
+
+@pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "saved"])
+def test_autotuned_backward_with_recomputed_pre_activations(recompute, monkeypatch):
+    """With autotuning on, the backward that writes dG, dU over the recomputed G, U
+    (recompute) is still right: the autotuner reruns the kernel on the same buffers while
+    it times the configs, so it must restore G and U between runs."""
+    if TRITON_DEVICE.type == "cuda":
+        pytest.skip("forces the autotuner under the interpreter; on a GPU FASTATTN_AUTOTUNE=1 does it")
+    benched = force_autotuning(monkeypatch)
+    check_against_reference(OP, make_inputs(33, 40, 96, 40), torch.float32, "triton", "silu", recompute=recompute)
+    assert "_gated_ffn_bwd_dgated_kernel" in benched
