@@ -546,13 +546,15 @@ def attention_pinned_config() -> Optional[dict]:
 # DECODE_ATTENTION_MIN_SPLIT_KEYS, from the shapes and the cache capacity only (never
 # from cache_seqlens, which would need the host to read the device).
 #
-# Default (no tuning): DECODE_ATTENTION_DEFAULTS[(family, operands, head-dim bucket)],
-# operands "16bit" or "fp32", the bucket max(BLOCK_D, BLOCK_DV) (64, 128 or 256), with
-# 8 warps instead of 4 where the program's fp32 accumulators (BLOCK_M rows of output and
-# scores) would pass DECODE_ATTENTION_ACCUMULATOR_REGISTERS per thread. The kernel is
-# memory-bound: the sm90 tiles keep 2-3 K/V tiles of 32-64 KB in flight per program; the
-# sm80 ones stay within the 99 KB of sm_86/sm_89; none spills on sm_90
-# (benchmarks/NOTES.md). The combine kernel takes decode_attention_combine_config.
+# Default (no tuning): DECODE_ATTENTION_DEFAULTS[(family, operands, head-dim bucket)]
+# for 16 query rows per program, operands "16bit" or "fp32", the bucket max(BLOCK_D,
+# BLOCK_DV) (64, 128 or 256); with more rows, 8 warps where the program's fp32
+# accumulators (output and score rows) would pass DECODE_ATTENTION_DEFAULT_ACCUMULATORS
+# per thread, and 16-key tiles for fp32 (whose FMA dot holds q, K and the scores in
+# registers; fp32 also takes at most 32 rows per program at head dim 256). The kernel is
+# memory-bound: the sm90 16-bit tiles keep three K/V tiles of 16-32 KB in flight per
+# program; the sm80 ones stay within the 99 KB of sm_86/sm_89; none spills on sm_90 or
+# sm_80 (benchmarks/NOTES.md). The combine kernel takes decode_attention_combine_config.
 # FASTATTN_AUTOTUNE=1 tunes over DECODE_ATTENTION_AUTOTUNE_SPACE (8 configs, fewer after
 # pruning), keyed on DECODE_ATTENTION_TUNE_KEY (a bucket of the keys per split, the tile
 # widths and the flags; Triton adds the dtypes); results are cached on disk.
@@ -569,16 +571,16 @@ DECODE_ATTENTION_INTERPRETER_CONFIG = {"BLOCK_N": 16, "num_warps": 4, "num_stage
 DECODE_ATTENTION_DEFAULTS = {
     ("sm90", "16bit", 64): (128, 4, 3),
     ("sm90", "16bit", 128): (64, 4, 3),
-    ("sm90", "16bit", 256): (32, 4, 3),
-    ("sm90", "fp32", 64): (64, 4, 3),
-    ("sm90", "fp32", 128): (32, 4, 3),
-    ("sm90", "fp32", 256): (16, 4, 3),
+    ("sm90", "16bit", 256): (32, 8, 3),
+    ("sm90", "fp32", 64): (32, 8, 2),
+    ("sm90", "fp32", 128): (32, 8, 2),
+    ("sm90", "fp32", 256): (32, 8, 2),
     ("sm80", "16bit", 64): (64, 4, 3),
     ("sm80", "16bit", 128): (64, 4, 2),
-    ("sm80", "16bit", 256): (32, 4, 2),
-    ("sm80", "fp32", 64): (32, 4, 3),
-    ("sm80", "fp32", 128): (32, 4, 2),
-    ("sm80", "fp32", 256): (16, 4, 2),
+    ("sm80", "16bit", 256): (32, 8, 2),
+    ("sm80", "fp32", 64): (32, 4, 2),
+    ("sm80", "fp32", 128): (32, 8, 2),
+    ("sm80", "fp32", 256): (16, 8, 2),
 }
 # (BLOCK_N, num_warps, num_stages) that FASTATTN_AUTOTUNE=1 tries
 DECODE_ATTENTION_AUTOTUNE_SPACE = ((32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 4, 3), (128, 4, 2), (32, 8, 2),
@@ -586,20 +588,27 @@ DECODE_ATTENTION_AUTOTUNE_SPACE = ((32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 4, 3
 DECODE_ATTENTION_TUNE_KEY = ("split_keys_bucket", "BLOCK_M", "BLOCK_D", "BLOCK_DV", "PAGED", "HAS_SOFTCAP",
                              "HAS_ALIBI")
 DECODE_ATTENTION_MAX_BLOCK_M = 64  # most query rows per program (more rows of a kv head take more programs)
+DECODE_ATTENTION_MAX_BLOCK_M_FP32_D256 = 32  # fp32 at head dim 256: q and the output rows fill the registers
 DECODE_ATTENTION_MAX_SPLITS = 128
 DECODE_ATTENTION_MIN_SPLIT_KEYS = 256  # shortest cache range worth its own program (and partial output)
 DECODE_ATTENTION_PROGRAMS_PER_SM = 4  # programs wanted in flight per SM (a memory-bound kernel)
 DECODE_ATTENTION_INTERPRETER_SMS = 2  # the pretend GPU of the interpreter
 DECODE_ATTENTION_INTERPRETER_MIN_SPLIT_KEYS = 32
 DECODE_ATTENTION_COMBINE_SPLITS = 16  # partial outputs the combine kernel loads at once
-DECODE_ATTENTION_ACCUMULATOR_REGISTERS = 128  # most fp32 accumulator elements per thread
+DECODE_ATTENTION_ACCUMULATOR_REGISTERS = 128  # most fp32 accumulator elements per thread (autotuning)
+DECODE_ATTENTION_DEFAULT_ACCUMULATORS = 64  # the default goes to 8 warps above this (a margin from 255 registers)
 DECODE_ATTENTION_SPLIT_KEYS_BUCKETS = (64, 131072)  # keys-per-split bucket = next power of 2 in this range
 _DECODE_ATTENTION_KEYS = ("BLOCK_N", "NUM_SPLITS", "num_warps", "num_stages")
 
 
-def decode_attention_block_m(rows: int) -> int:
-    """Query rows per program for `rows` = group·q_len rows per kv head (>= 16 for tl.dot)."""
-    return min(DECODE_ATTENTION_MAX_BLOCK_M, max(16, triton.next_power_of_2(rows)))
+def decode_attention_block_m(rows: int, element_size: int = 2, block_d: int = 128) -> int:
+    """Query rows per program for `rows` = group·q_len rows per kv head (>= 16 for tl.dot),
+    operands of element_size bytes and the padded head dim block_d (the larger of q/k's
+    and v's)."""
+    most = DECODE_ATTENTION_MAX_BLOCK_M
+    if element_size == 4 and block_d > 128:
+        most = DECODE_ATTENTION_MAX_BLOCK_M_FP32_D256
+    return min(most, max(16, triton.next_power_of_2(rows)))
 
 
 def decode_attention_shared_memory(block_m: int, block_n: int, num_stages: int, block_d: int, block_dv: int,
@@ -649,7 +658,9 @@ def decode_attention_default(arch: int, dtype, block_m: int, block_d: int, block
     operands = "fp32" if dtype.itemsize == 4 else "16bit"
     bucket = min(256, max(64, block_d, block_dv))
     block_n, warps, stages = DECODE_ATTENTION_DEFAULTS[(arch_family(arch), operands, bucket)]
-    if (block_m * block_dv + block_m * block_n) // (32 * warps) > DECODE_ATTENTION_ACCUMULATOR_REGISTERS:
+    if operands == "fp32" and block_m > 16:
+        block_n = 16
+    if (block_m * block_dv + block_m * block_n) // (32 * warps) > DECODE_ATTENTION_DEFAULT_ACCUMULATORS:
         warps = 8
     while stages > 1 and decode_attention_shared_memory(block_m, block_n, stages, block_d, block_dv,
                                                         dtype.itemsize) > shared_memory_per_block(arch):

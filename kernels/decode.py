@@ -428,9 +428,9 @@ def decode_attention_forward(q, k_cache, v_cache, cache_seqlens, block_table, al
     window = capacity if window_left < 0 else min(window_left, capacity)
     keys = min(capacity, window + q_len)  # the most keys one sequence attends to
     group = heads // kv_heads
-    block_m = _config.decode_attention_block_m(group * q_len)
-    row_blocks = triton.cdiv(group * q_len, block_m)
     block_d, block_dv = _pad(head_dim), _pad(head_dim_v)
+    block_m = _config.decode_attention_block_m(group * q_len, q.element_size(), max(block_d, block_dv))
+    row_blocks = triton.cdiv(group * q_len, block_m)
     kernel, num_splits, config = _kernel_and_config(q, block_m, block_d, block_dv, batch * kv_heads * row_blocks, keys)
 
     if alibi_slopes is None:
