@@ -74,10 +74,11 @@ def arch_family(arch: int) -> str:
 #
 # Default (no tuning): layer_norm_default, a rule on the tile width: ROWS packs short rows
 # until a tile holds LAYER_NORM_MIN_TILE elements, and num_warps gives every thread
-# LAYER_NORM_DEFAULT_ELEMENTS_PER_THREAD of them (16 bytes of a 16-bit row: one 128-bit
-# load). It is the same for sm80 and sm90: both have 64K registers and 2048 threads per
-# SM, and the kernels use no shared memory beyond the reductions' scratch. The backward
-# runs a persistent grid of layer_norm_backward_programs programs.
+# LAYER_NORM_DEFAULT_ELEMENTS_PER_THREAD of them (in the forward 8: 16 bytes of a 16-bit
+# row, one 128-bit load; 16 or 32 in the backward). It is the same for sm80 and sm90: both
+# have 64K registers and 2048 threads per SM, and the kernels use no shared memory beyond
+# the reductions' scratch; none spills on sm_90 or sm_80 (benchmarks/NOTES.md). The
+# backward runs a persistent grid of layer_norm_backward_programs programs.
 # FASTATTN_AUTOTUNE=1 tunes (ROWS, num_warps) over the configs layer_norm_keep admits (at
 # most 8 per tile width), keyed on hidden and the flags. FASTATTN_LAYER_NORM_CONFIG pins
 # one config for both ops, e.g.
@@ -92,8 +93,10 @@ LAYER_NORM_MAX_FUSED_BWD = 8192  # the backward holds s, dy, g, x̂ and the dw/d
 LAYER_NORM_LOOP_BLOCK_N = 4096  # chunk width of the looped path
 LAYER_NORM_MIN_TILE = 2048  # elements per tile worth a program (when hidden allows)
 LAYER_NORM_MAX_TILE = {False: 16384, True: 8192}  # by backward
-LAYER_NORM_DEFAULT_ELEMENTS_PER_THREAD = 8
-LAYER_NORM_ELEMENTS_PER_THREAD = {False: (4, 32), True: (4, 16)}  # range autotuning tries, by backward
+# elements per thread of the default, by (backward, single_pass): fewer warps for the
+# backward, which holds more per element (at 8 per thread its tiles spill on sm_80 or sm_90)
+LAYER_NORM_DEFAULT_ELEMENTS_PER_THREAD = {(False, True): 8, (False, False): 8, (True, True): 16, (True, False): 32}
+LAYER_NORM_ELEMENTS_PER_THREAD = {False: (4, 32), True: (4, 32)}  # range autotuning tries, by backward
 LAYER_NORM_BWD_PROGRAMS_PER_SM = 4  # most persistent backward programs per SM ...
 LAYER_NORM_BWD_MIN_ROWS_PER_PROGRAM = 32  # ... while each still gets this many rows (bounds the dW/dB partials)
 LAYER_NORM_INTERPRETER_BWD_PROGRAMS = 3  # persistent backward grid under the interpreter
@@ -162,7 +165,7 @@ def layer_norm_rule(block_n: int, single_pass: bool, backward: bool) -> dict:
     rows = max(1, min(_LAYER_NORM_ROWS[-1], LAYER_NORM_MIN_TILE // block_n if single_pass else 1))
     if rows * block_n > max(max_tile, block_n):
         rows = 1
-    warps = rows * block_n // (32 * LAYER_NORM_DEFAULT_ELEMENTS_PER_THREAD)
+    warps = rows * block_n // (32 * LAYER_NORM_DEFAULT_ELEMENTS_PER_THREAD[backward, single_pass])
     return {"ROWS": rows, "num_warps": min(_LAYER_NORM_WARPS[-1], max(1, warps))}
 
 
