@@ -21,7 +21,7 @@ import torch
 import fastattn
 from fastattn import backends, reference
 from fastattn.ops import decode_attention as decode_op
-from helpers import DEVICE, R, U, assert_within_naive_error, backends_of
+from helpers import DEVICE, R, U, assert_within_naive_error, backends_of, huge_strided
 
 CONFIG_ENV = "FASTATTN_DECODE_ATTENTION_CONFIG"
 HAS_TRITON = "triton" in backends_of(decode_op.BACKENDS, DEVICE)
@@ -426,27 +426,53 @@ def test_page_sizes_powers_of_two_and_not(page_size, monkeypatch):
     check_decode(R(2, 2, 2, 16), k_cache, v_cache, _seqlens([2, 37]), block_table=table)
 
 
-def _huge_strided(shape, strides, dtype=torch.float16):
-    """A view with the given strides (elements) over storage just big enough for it;
-    only the view's elements are written (the rest stays untouched virtual memory)."""
-    size = 1 + sum((n - 1) * s for n, s in zip(shape, strides))
-    view = torch.empty(size, dtype=dtype, device=DEVICE).as_strided(shape, strides)
-    view.copy_(torch.randn(shape, device=DEVICE).to(dtype))
-    return view
-
-
 def test_cache_offsets_past_2_to_the_31():
     """Page and sequence offsets past 2³¹ elements (a page stride of 2²⁶ + 16 times page
     index 40, a sequence stride above 2³¹) stay exact: the row offsets are int64."""
     d, page_size, page_stride = 16, 16, (1 << 26) + 16
     pages = 41
-    k_cache = _huge_strided((pages, 1, page_size, d), (page_stride, page_size * d, d, 1))
-    v_cache = _huge_strided((pages, 1, page_size, d), (page_stride, page_size * d, d, 1))
+    k_cache = huge_strided((pages, 1, page_size, d), (page_stride, page_size * d, d, 1))
+    v_cache = huge_strided((pages, 1, page_size, d), (page_stride, page_size * d, d, 1))
     table = torch.tensor([[40, 3, 39], [0, 38, 1]], dtype=torch.int32, device=DEVICE)
     q = R(2, 2, 1, d).half()
     check_decode(q, k_cache, v_cache, _seqlens([45, 20]), block_table=table, dtype=torch.float16)
     del k_cache, v_cache
     seq_stride = (1 << 31) + 64
-    k_cache = _huge_strided((2, 1, 40, d), (seq_stride, 40 * d, d, 1))
-    v_cache = _huge_strided((2, 1, 40, d), (seq_stride, 40 * d, d, 1))
+    k_cache = huge_strided((2, 1, 40, d), (seq_stride, 40 * d, d, 1))
+    v_cache = huge_strided((2, 1, 40, d), (seq_stride, 40 * d, d, 1))
     check_decode(q, k_cache, v_cache, _seqlens([5, 40]), dtype=torch.float16)
+
+
+def test_default_configs_one_per_key(monkeypatch):
+    """Without FASTATTN_AUTOTUNE every launch gets the one default of its (GPU family,
+    operand dtype, head-dim bucket, rows) key, within its GPU's shared memory (sm_86's
+    99 KB too); the split count comes from the shapes and capacity alone;
+    FASTATTN_AUTOTUNE=1 hands the launch to the autotuner (8 configs at most); pinned keys
+    override the default."""
+    from fastattn.kernels import _config
+
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    monkeypatch.setattr(_config, "interpreted", lambda: False)
+    device = torch.device("cpu")  # a stand-in: FASTATTN_TRITON_ARCH names the GPU
+    assert len(_config.decode_attention_configs()) <= 8
+    for arch in (80, 86, 90):
+        monkeypatch.setenv(_config.TARGET_ARCH_ENV, str(arch))
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            for head_dim in (64, 80, 128, 256):
+                block_d = max(16, 1 << (head_dim - 1).bit_length())
+                for rows in (1, 8, 32, 128):
+                    block_m = _config.decode_attention_block_m(rows, dtype.itemsize, block_d)
+                    splits, config = _config.decode_attention_launch_config(device, dtype, block_m, block_d, block_d,
+                                                                            programs=8, keys=8192, sm_count=132)
+                    assert splits == _config.decode_attention_num_splits(8, 8192, 132)
+                    assert config == _config.decode_attention_default(arch, dtype, block_m, block_d, block_d)
+                    assert config["BLOCK_N"] >= 16 and config["num_stages"] >= 1
+                    staged = _config.decode_attention_shared_memory(block_m, config["BLOCK_N"], config["num_stages"],
+                                                                    block_d, block_d, dtype.itemsize)
+                    assert staged <= _config.shared_memory_per_block(arch)
+    monkeypatch.setenv(_config.AUTOTUNE_ENV, "1")
+    assert _config.decode_attention_launch_config(device, torch.bfloat16, 16, 128, 128, 8, 8192, 132)[1] is None
+    monkeypatch.setenv(CONFIG_ENV, "num_warps=8,NUM_SPLITS=3")
+    splits, config = _config.decode_attention_launch_config(device, torch.bfloat16, 16, 128, 128, 8, 8192, 132)
+    assert splits == 3 and config == dict(_config.decode_attention_default(90, torch.bfloat16, 16, 128, 128),
+                                          num_warps=8)

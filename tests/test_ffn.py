@@ -356,3 +356,48 @@ def test_autotuned_backward_with_recomputed_hidden(recompute, monkeypatch):
     benched = force_autotuning(monkeypatch)
     check_against_reference(OP, make_inputs(33, 40, 96, 40), torch.float32, "triton", "gelu", recompute=recompute)
     assert "_ffn_bwd_dact_kernel" in benched
+
+
+def test_weight_gradient_steps_past_2_to_the_31():
+    """x rows 2²⁶ + 64 elements apart: the weight-gradient GEMM (K = tokens) steps
+    through x BLOCK_K rows at a time, more than 2³¹ elements per step, and its first tile
+    spans nearly 2³¹; int64 offsets keep both exact. The storage is a few GB of address
+    space, barely touched."""
+    from helpers import huge_strided
+
+    tokens, d_model, row_stride = 33, 24, (1 << 26) + 64
+    x = huge_strided((tokens, d_model), (row_stride, 1))
+    _, w1, b1, w2, b2 = make_inputs(tokens, d_model, 40, 24, device=TRITON_DEVICE)
+    assert x.stride(0) * 32 >= 2**31
+    check_against_reference(OP, [x, w1, b1, w2, b2], torch.float16, "triton", "gelu")
+
+
+def test_default_configs_one_per_key(monkeypatch):
+    """Without FASTATTN_AUTOTUNE every launch gets the one default of its (GPU family,
+    kernel class, operand dtype, size) key, within its GPU's shared memory (sm_86's 99 KB
+    too, by fewer stages); FASTATTN_AUTOTUNE=1 hands the launch to the autotuner; pinned
+    keys override the default."""
+    from fastattn.kernels import _config
+
+    monkeypatch.delenv(_config.FFN_CONFIG_ENV, raising=False)
+    monkeypatch.setattr(_config, "interpreted", lambda: False)
+    device = torch.device("cpu")  # a stand-in: FASTATTN_TRITON_ARCH names the GPU
+    for arch in (80, 86, 90):
+        monkeypatch.setenv(_config.TARGET_ARCH_ENV, str(arch))
+        for kernel in _config.FFN_KERNELS:
+            for dtype in (torch.bfloat16, torch.float16, torch.float32):
+                for tokens in (1, 64, 65, 4096):
+                    config = _config.ffn_launch_config(kernel, device, dtype, tokens)
+                    assert config == _config.ffn_default(kernel, arch, dtype, tokens)
+                    assert set(config) == {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"}
+                    staged = _config.ffn_shared_memory(config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"],
+                                                       config["num_stages"], _config.ffn_accumulators(kernel),
+                                                       dtype.itemsize)
+                    assert staged <= _config.shared_memory_per_block(arch)
+                    assert config["num_stages"] >= _config.FFN_MIN_STAGES
+    assert _config.ffn_default("out", 90, torch.bfloat16, 4096)["BLOCK_N"] == 256  # Triton's Hopper matmul tile
+    monkeypatch.setenv(_config.AUTOTUNE_ENV, "1")
+    assert _config.ffn_launch_config("fwd", device, torch.bfloat16, 4096) is None
+    monkeypatch.setenv(_config.FFN_CONFIG_ENV, "num_warps=4")
+    assert _config.ffn_launch_config("fwd", device, torch.bfloat16, 4096) == dict(
+        _config.ffn_default("fwd", 90, torch.bfloat16, 4096), num_warps=4)
