@@ -362,6 +362,9 @@ _ERROR_FLAGS: dict = {}
 def error_flags(device: torch.device) -> torch.Tensor:
     """The (1,) int32 error flags of `device` that the kernels or BAD_LENGTH / BAD_PAGE
     into (allocated once per device, zeroed; clear it with .zero_())."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     key = (device.type, device.index)
     if key not in _ERROR_FLAGS:
         _ERROR_FLAGS[key] = torch.zeros(1, dtype=torch.int32, device=device)

@@ -243,8 +243,7 @@ def check_flagged_inputs(device=None) -> None:
     the decoding loop or CUDA graph, or run with FASTATTN_DEBUG=1 to check every call."""
     from fastattn.kernels import decode as kernels
 
-    device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
-    flags = kernels.error_flags(device)
+    flags = kernels.error_flags("cuda" if device is None else device)
     found = int(flags.item())
     flags.zero_()
     problems = []
