@@ -70,12 +70,22 @@ def arch_family(arch: int) -> str:
 #
 # A row of up to LAYER_NORM_MAX_FUSED_{FWD,BWD} elements is held in registers (one tile,
 # BLOCK_N = next power of 2 >= hidden); a wider row is walked in LAYER_NORM_LOOP_BLOCK_N
-# chunks. The tuned parameters are ROWS (rows per tile) and num_warps, keyed on hidden.
-# FASTATTN_LAYER_NORM_CONFIG pins one config for both ops, e.g.
+# chunks. A config is ROWS (rows per tile) and num_warps.
+#
+# Default (no tuning): layer_norm_default, a rule on the tile width: ROWS packs short rows
+# until a tile holds LAYER_NORM_MIN_TILE elements, and num_warps gives every thread
+# LAYER_NORM_DEFAULT_ELEMENTS_PER_THREAD of them (in the forward 8: 16 bytes of a 16-bit
+# row, one 128-bit load; 16 or 32 in the backward). It is the same for sm80 and sm90: both
+# have 64K registers and 2048 threads per SM, and the kernels use no shared memory beyond
+# the reductions' scratch; none spills on sm_90 or sm_80 (benchmarks/NOTES.md). The
+# backward runs a persistent grid of layer_norm_backward_programs programs.
+# FASTATTN_AUTOTUNE=1 tunes (ROWS, num_warps) over the configs layer_norm_keep admits (at
+# most 8 per tile width), keyed on hidden and the flags. FASTATTN_LAYER_NORM_CONFIG pins
+# one config for both ops, e.g.
 #     FASTATTN_LAYER_NORM_CONFIG="BLOCK_N=256,ROWS=4,num_warps=4"
 # where BLOCK_N caps the tile width (rows wider than it take the looped path); keys left
-# out take their defaults. Under the Triton interpreter the default config is used
-# without tuning.
+# out take the default's values. Under the Triton interpreter a fixed config of few, big
+# programs is used.
 
 LAYER_NORM_CONFIG_ENV = "FASTATTN_LAYER_NORM_CONFIG"
 LAYER_NORM_MAX_FUSED_FWD = 16384  # widest row kept in registers by the forward (elements)
@@ -83,13 +93,18 @@ LAYER_NORM_MAX_FUSED_BWD = 8192  # the backward holds s, dy, g, x̂ and the dw/d
 LAYER_NORM_LOOP_BLOCK_N = 4096  # chunk width of the looped path
 LAYER_NORM_MIN_TILE = 2048  # elements per tile worth a program (when hidden allows)
 LAYER_NORM_MAX_TILE = {False: 16384, True: 8192}  # by backward
-LAYER_NORM_ELEMENTS_PER_THREAD = {False: (4, 32), True: (4, 16)}  # allowed range, by backward
-LAYER_NORM_BWD_PROGRAMS_PER_SM = 1  # persistent backward grid
+# elements per thread of the default, by (backward, single_pass): fewer warps for the
+# backward, which holds more per element (at 8 per thread its tiles spill on sm_80 or sm_90)
+LAYER_NORM_DEFAULT_ELEMENTS_PER_THREAD = {(False, True): 8, (False, False): 8, (True, True): 16, (True, False): 32}
+LAYER_NORM_ELEMENTS_PER_THREAD = {False: (4, 32), True: (4, 32)}  # range autotuning tries, by backward
+LAYER_NORM_BWD_PROGRAMS_PER_SM = 4  # most persistent backward programs per SM ...
+LAYER_NORM_BWD_MIN_ROWS_PER_PROGRAM = 32  # ... while each still gets this many rows (bounds the dW/dB partials)
 LAYER_NORM_INTERPRETER_BWD_PROGRAMS = 3  # persistent backward grid under the interpreter
 LAYER_NORM_INTERPRETER_TILE = 32768  # elements per program under the interpreter (fewer, bigger programs)
 _LAYER_NORM_ROWS = (1, 2, 4, 8, 16, 32, 64, 128)
 _LAYER_NORM_WARPS = (1, 2, 4, 8, 16)
 _LAYER_NORM_KEYS = ("BLOCK_N", "ROWS", "num_warps", "num_stages")
+_LAYER_NORM_AUTOTUNE_MAX = 8  # most configs tried per key
 
 
 def layer_norm_block_n(hidden: int, backward: bool) -> int:
@@ -121,26 +136,46 @@ def layer_norm_configs() -> list:
 
 
 def layer_norm_prune(backward: bool):
-    """early_config_prune for the forward (backward=False) or backward kernel."""
+    """early_config_prune for the forward (backward=False) or backward kernel: the configs
+    layer_norm_keep admits for the call's tile width, at most _LAYER_NORM_AUTOTUNE_MAX of
+    them (the ones nearest the default's elements per thread), the default included."""
 
     def prune(configs, named_args, **kwargs):
         block_n, single_pass = kwargs["BLOCK_N"], kwargs["SINGLE_PASS"]
+        default = layer_norm_rule(block_n, single_pass, backward)
         kept = [c for c in configs
                 if layer_norm_keep(c.kwargs["ROWS"], c.num_warps, block_n, single_pass, backward)]
-        return kept or [triton.Config(layer_norm_default(block_n, single_pass, backward))]
+
+        def distance(c):  # from the default, in log2 steps of tile and of elements per thread
+            tile, per_thread = c.kwargs["ROWS"] * block_n, c.kwargs["ROWS"] * block_n // (32 * c.num_warps)
+            default_tile = default["ROWS"] * block_n
+            default_per_thread = default_tile // (32 * default["num_warps"])
+            return (abs(tile.bit_length() - default_tile.bit_length())
+                    + abs(per_thread.bit_length() - default_per_thread.bit_length()), tile, c.num_warps)
+
+        kept = sorted(kept, key=distance)[:_LAYER_NORM_AUTOTUNE_MAX]
+        return kept or [triton.Config({"ROWS": default["ROWS"]}, num_warps=default["num_warps"])]
 
     return prune
 
 
+def layer_norm_rule(block_n: int, single_pass: bool, backward: bool) -> dict:
+    """The default (ROWS, num_warps) for tiles BLOCK_N wide, on any GPU."""
+    max_tile = LAYER_NORM_MAX_TILE[backward]
+    rows = max(1, min(_LAYER_NORM_ROWS[-1], LAYER_NORM_MIN_TILE // block_n if single_pass else 1))
+    if rows * block_n > max(max_tile, block_n):
+        rows = 1
+    warps = rows * block_n // (32 * LAYER_NORM_DEFAULT_ELEMENTS_PER_THREAD[backward, single_pass])
+    return {"ROWS": rows, "num_warps": min(_LAYER_NORM_WARPS[-1], max(1, warps))}
+
+
 def layer_norm_default(block_n: int, single_pass: bool, backward: bool) -> dict:
-    """The config used without tuning (interpreter, or keys a pinned config leaves out)."""
+    """The config used without tuning: the interpreter's (fewer, bigger programs), else
+    layer_norm_rule's."""
     if interpreted():
         rows = max(1, min(_LAYER_NORM_ROWS[-1], LAYER_NORM_INTERPRETER_TILE // block_n))
         return {"ROWS": rows if single_pass else 1, "num_warps": 4}
-    max_tile = LAYER_NORM_MAX_TILE[backward]
-    rows = max(1, min(_LAYER_NORM_ROWS[-1], LAYER_NORM_MIN_TILE // block_n if single_pass else 1))
-    warps = min(_LAYER_NORM_WARPS[-1], max(1, rows * block_n // (32 * 8)))
-    return {"ROWS": rows if rows * block_n <= max(max_tile, block_n) else 1, "num_warps": warps}
+    return layer_norm_rule(block_n, single_pass, backward)
 
 
 def layer_norm_pinned() -> Optional[dict]:
@@ -162,108 +197,206 @@ def layer_norm_pinned() -> Optional[dict]:
 
 
 def layer_norm_launch_config(hidden: int, backward: bool) -> tuple[int, Optional[dict]]:
-    """(BLOCK_N, config) for one launch: config is the pinned or interpreter config
-    (ROWS, num_warps, ...), or None to autotune."""
+    """(BLOCK_N, config) for one launch: config is the pinned config (keys left out from
+    the default), None to autotune (FASTATTN_AUTOTUNE=1), or the default (ROWS,
+    num_warps). The default does not depend on the GPU (layer_norm_rule)."""
     pinned = layer_norm_pinned()
     block_n = layer_norm_block_n(hidden, backward)
     if pinned is not None and "BLOCK_N" in pinned:
         block_n = min(triton.next_power_of_2(hidden), pinned["BLOCK_N"])
-    if pinned is None and not interpreted():
+    if pinned is None and autotune_enabled():
         return block_n, None
     config = layer_norm_default(block_n, block_n >= hidden, backward)
     config.update({k: v for k, v in (pinned or {}).items() if k != "BLOCK_N"})
     return block_n, config
 
 
+def layer_norm_backward_programs(rows: int, sm_count: Optional[int]) -> int:
+    """Size of the backward's persistent grid (sm_count None: the interpreter): up to
+    LAYER_NORM_BWD_PROGRAMS_PER_SM programs per SM while each gets at least
+    LAYER_NORM_BWD_MIN_ROWS_PER_PROGRAM rows, never fewer than one per SM, never more
+    than rows. Each program writes one row of the (programs, hidden) fp32 dW and dB
+    partials, which torch then sums: the rows-per-program floor keeps that write and
+    re-read under a tenth of the backward's own traffic (16 bytes per column per program
+    against at least 6 per column per row). The count depends on the device and rows only,
+    so the reduction order (and the result) is the same from call to call."""
+    if sm_count is None:
+        programs = LAYER_NORM_INTERPRETER_BWD_PROGRAMS
+    else:
+        programs = max(sm_count, min(sm_count * LAYER_NORM_BWD_PROGRAMS_PER_SM,
+                                     rows // LAYER_NORM_BWD_MIN_ROWS_PER_PROGRAM))
+    return max(1, min(programs, rows))
+
+
 # ============================================================================
-# ffn / gated_ffn (kernels/ffn.py; one space for all of its GEMM kernels)
+# ffn / gated_ffn (kernels/ffn.py: five GEMM kernels with different epilogues)
 # ============================================================================
 #
 # Every kernel of kernels/ffn.py is a tiled GEMM C (M, N) = A (M, K)·B (K, N) plus an
-# epilogue. The tuned parameters are the tile (BLOCK_M, BLOCK_N, BLOCK_K), GROUP_M (tile
-# rows visited together for L2 reuse), num_warps and num_stages, keyed on the
-# power-of-2 buckets of (M, N, K) (Triton adds the operand dtypes to the key), so that a
-# new token count does not retune. FASTATTN_FFN_CONFIG pins one config for all of
-# them, e.g.
+# epilogue: "fwd" (bias and activation), "gated_fwd" (two accumulators, gate and up, on
+# the same A tiles), "dact" (loads H, writes dH and act(H)), "dgated" (loads G and U,
+# writes dG, dU and P), "dw" (weight gradients: K = tokens, and the bias gradient's row
+# sums) and "dx" (the input gradient, one or two products). A config is the tile (BLOCK_M, BLOCK_N, BLOCK_K), GROUP_M
+# (tile rows visited together so the B tiles of a group stay in L2), num_warps and
+# num_stages.
+#
+# Default (no tuning): FFN_DEFAULTS[(family, operands)][class], where family is
+# arch_family's ("sm80", "sm90"), operands "16bit" (fp16, bf16) or "fp32" (tf32 or
+# ieee), and the class comes from the kernel (FFN_CONFIG_CLASS: plain epilogue, an
+# activation, an activation gradient, two accumulators), or is "small" when C has at
+# most FFN_SMALL_M rows (a handful of tokens: more, narrower tiles over the weights).
+# The sm90 plain GEMM is the 128×256×64, 8-warp, 3-stage tile of Triton's matmul
+# tutorial; the epilogue kernels take narrower tiles because their epilogue math
+# (erf, sigmoid, two or three stores) spills at 128 accumulators per thread; the sm80
+# tiles fit the 99 KB of shared memory of sm_86/sm_89 as well as the A100's 163 KB.
+# None spills registers on sm_90 or sm_80 (benchmarks/NOTES.md). A GPU with less shared
+# memory than its family's default needs (ffn_shared_memory) gets fewer stages
+# (ffn_fit_stages).
+# FASTATTN_AUTOTUNE=1 tunes over FFN_AUTOTUNE_SPACE[family] (8 tiles, fewer after
+# pruning for the call), keyed on the power-of-2 buckets of (M, N, K) (Triton adds the
+# operand dtypes), so that a new token count does not retune; results are cached on disk.
+# FASTATTN_FFN_CONFIG pins one config for all of them, e.g.
 #     FASTATTN_FFN_CONFIG="BLOCK_M=64,BLOCK_N=64,BLOCK_K=32,GROUP_M=8,num_warps=4,num_stages=3"
-# where keys left out take FFN_DEFAULT's values. Under the Triton interpreter
-# FFN_INTERPRETER_CONFIG is used without tuning (small tiles, so that the test shapes
-# still cover several tiles and masked edges).
+# where keys left out take the call's default. Under the Triton interpreter
+# FFN_INTERPRETER_CONFIG is used (small tiles, so that the test shapes still cover
+# several tiles and masked edges).
 
 FFN_CONFIG_ENV = "FASTATTN_FFN_CONFIG"
-FFN_DEFAULT = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
 FFN_INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4,
                           "num_stages": 1}
+# kernel (as kernels/ffn.py launches it) -> config class; "out" is the forward kernel
+# without activation (the second GEMM)
+FFN_CONFIG_CLASS = {"fwd": "act", "out": "plain", "gated_fwd": "gated", "dact": "grad", "dgated": "grad",
+                    "dw": "plain", "dx": "plain"}
+FFN_KERNELS = tuple(FFN_CONFIG_CLASS)
 FFN_GROUP_M = 8
+FFN_SMALL_M = 64  # C with at most this many rows takes the "small" default
+_FFN_FP32 = (64, 64, 32, 8, 3)  # every class: 16 accumulators per thread, no spills with tf32 or ieee
+# (family, operands) -> class -> (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+FFN_DEFAULTS = {
+    ("sm90", "16bit"): {"plain": (128, 256, 64, 8, 3), "act": (128, 128, 64, 8, 4), "grad": (128, 64, 64, 8, 4),
+                        "gated": (128, 64, 64, 8, 4), "small": (64, 64, 64, 4, 4)},
+    ("sm90", "fp32"): dict.fromkeys(("plain", "act", "grad", "gated", "small"), _FFN_FP32),
+    ("sm80", "16bit"): {"plain": (128, 128, 32, 8, 4), "act": (128, 128, 32, 8, 4), "grad": (128, 64, 32, 8, 4),
+                        "gated": (128, 128, 32, 8, 4), "small": (64, 64, 64, 4, 3)},
+    ("sm80", "fp32"): dict.fromkeys(("plain", "act", "grad", "gated", "small"), _FFN_FP32),
+}
+# family -> the tiles FASTATTN_AUTOTUNE=1 tries: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+FFN_AUTOTUNE_SPACE = {
+    "sm90": ((128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 8, 4),
+             (64, 256, 64, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)),
+    "sm80": ((128, 256, 32, 8, 3), (256, 128, 32, 8, 3), (128, 128, 32, 8, 4), (128, 128, 32, 4, 4),
+             (128, 64, 32, 8, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 3), (64, 64, 32, 4, 4)),
+}
 FFN_ACCUMULATOR_REGISTERS = (32, 128)  # fp32 accumulator elements per thread worth trying
-FFN_SHARED_MEMORY = 200 * 1024  # bytes for the num_stages buffered A and B tiles (H100: 227 KiB)
-_FFN_BLOCK_M = (64, 128)
-_FFN_BLOCK_N = (64, 128, 256)
-_FFN_BLOCK_K = (32, 64)
-_FFN_WARPS = (4, 8)
-_FFN_STAGES = (3, 4)
+FFN_MIN_STAGES = 2
 _FFN_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
 
 
+def shared_memory_per_block(arch: int) -> int:
+    """Bytes of shared memory one block may use on compute capability `arch` (the opt-in
+    maximum): 227 KB on sm_90 and sm_100, 163 KB on sm_80 and sm_87, 99 KB on sm_86,
+    sm_89 and sm_120 (and any other)."""
+    kb = {80: 163, 87: 163, 90: 227, 100: 227, 103: 227}.get(arch, 99)
+    return kb * 1024
+
+
+def arch_of(device) -> int:
+    """The compute capability whose defaults and limits a call on `device` gets:
+    FASTATTN_TRITON_ARCH or the CUDA device's (target_arch); 90 under the interpreter and
+    for CPU or meta stand-in tensors (whose configs are not compiled for a GPU)."""
+    stand_in = getattr(device, "type", "cuda") != "cuda" and not os.environ.get(TARGET_ARCH_ENV, "").strip()
+    return 90 if interpreted() or stand_in else target_arch(device)
+
+
+def ffn_accumulators(kernel: str) -> int:
+    """(BLOCK_M, BLOCK_N) fp32 accumulators kernel `kernel` holds (and B tiles it streams)."""
+    if kernel not in FFN_CONFIG_CLASS:
+        raise ValueError(f"ffn kernel must be one of {', '.join(FFN_KERNELS)}; got {kernel!r}")
+    return 2 if FFN_CONFIG_CLASS[kernel] == "gated" else 1
+
+
+def ffn_shared_memory(block_m: int, block_n: int, block_k: int, num_stages: int, accumulators: int,
+                      element_size: int) -> int:
+    """Bytes of the num_stages buffered A and B tiles (what Triton's pipeliner allocates;
+    the epilogue reuses them)."""
+    return num_stages * block_k * (block_m + accumulators * block_n) * element_size
+
+
 def ffn_keep(block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int,
-             accumulators: int = 1, element_size: int = 2) -> bool:
-    """Whether a GEMM config is worth trying. `accumulators` (BLOCK_M, BLOCK_N) fp32 tiles
-    are live (2 for the gated forward, which also streams two B tiles); element_size is
-    the operands' bytes."""
+             accumulators: int = 1, element_size: int = 2, arch: int = 90) -> bool:
+    """Whether a GEMM config is worth trying on compute capability `arch`: the fp32
+    accumulators fit the register budget and the staged tiles the shared memory."""
     per_thread = accumulators * block_m * block_n // (32 * num_warps)
     low, high = FFN_ACCUMULATOR_REGISTERS
     if not low <= per_thread <= high:
         return False
-    if num_warps == 8 and block_m * block_n < 128 * 128:
-        return False
-    if block_n == 256 and block_m != 128:
-        return False
-    if block_k == 32 and num_stages < 4:
-        return False
-    staged = num_stages * block_k * (block_m + accumulators * block_n) * element_size
-    return staged <= FFN_SHARED_MEMORY
+    staged = ffn_shared_memory(block_m, block_n, block_k, num_stages, accumulators, element_size)
+    return staged <= shared_memory_per_block(arch)
 
 
-def ffn_configs(accumulators: int = 1) -> list:
-    """The space for 2-byte operands; ffn_prune_for_inputs narrows it per call."""
+def ffn_configs(kernel: str = "fwd", family: str = "sm90") -> list:
+    """The autotune space of `kernel` on `family` (at most 8 configs); ffn_prune narrows
+    it per call."""
+    accumulators = ffn_accumulators(kernel)
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": FFN_GROUP_M},
                       num_warps=warps, num_stages=stages)
-        for m, n, k, warps, stages in itertools.product(_FFN_BLOCK_M, _FFN_BLOCK_N, _FFN_BLOCK_K, _FFN_WARPS,
-                                                        _FFN_STAGES)
-        if ffn_keep(m, n, k, warps, stages, accumulators)
+        for m, n, k, warps, stages in FFN_AUTOTUNE_SPACE[family]
+        if ffn_keep(m, n, k, warps, stages, accumulators, 2, 90 if family == "sm90" else 80)
     ]
 
 
-def ffn_prune_for_inputs(accumulators: int = 1):
-    """early_config_prune: refit the shared-memory rule to the operands' element size and
-    drop tiles much larger than the problem (keeps at least one config)."""
+def ffn_prune(kernel: str):
+    """early_config_prune: the configs that fit the call's operands (element size) and GPU
+    (shared memory), tiles no taller than the problem (keeps at least one config)."""
+    accumulators = ffn_accumulators(kernel)
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        element_size = next(v.element_size() for v in args.values() if hasattr(v, "element_size"))
-        max_m = max(_FFN_BLOCK_M[0], triton.next_power_of_2(args["M"]))
-        max_n = max(_FFN_BLOCK_N[0], triton.next_power_of_2(args["N"]))
+        operand = next(v for v in args.values() if hasattr(v, "element_size"))
+        arch = arch_of(operand.device)
+        max_m = max(FFN_SMALL_M, triton.next_power_of_2(args["M"]))
         kept = [
             c for c in configs
-            if c.kwargs["BLOCK_M"] <= max_m and c.kwargs["BLOCK_N"] <= max_n
+            if c.kwargs["BLOCK_M"] <= max_m
             and ffn_keep(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
-                         c.num_stages, accumulators, element_size)
+                         c.num_stages, accumulators, operand.element_size(), arch)
         ]
         return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)]
 
     return prune
 
 
+def ffn_fit_stages(config: dict, accumulators: int, element_size: int, arch: int) -> dict:
+    """config with num_stages lowered (to FFN_MIN_STAGES at least) until its staged tiles
+    fit the shared memory of `arch`."""
+    fitted = dict(config)
+    while fitted["num_stages"] > FFN_MIN_STAGES and ffn_shared_memory(
+            fitted["BLOCK_M"], fitted["BLOCK_N"], fitted["BLOCK_K"], fitted["num_stages"], accumulators,
+            element_size) > shared_memory_per_block(arch):
+        fitted["num_stages"] -= 1
+    return fitted
+
+
+def ffn_default(kernel: str, arch: int, dtype, M: int) -> dict:
+    """The default config of `kernel` on compute capability `arch` for operands of
+    torch dtype `dtype` and an output of M rows."""
+    accumulators = ffn_accumulators(kernel)
+    operands = "fp32" if dtype.itemsize == 4 else "16bit"
+    kind = "small" if M <= FFN_SMALL_M else FFN_CONFIG_CLASS[kernel]
+    m, n, k, warps, stages = FFN_DEFAULTS[(arch_family(arch), operands)][kind]
+    config = {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": FFN_GROUP_M, "num_warps": warps,
+              "num_stages": stages}
+    return ffn_fit_stages(config, accumulators, dtype.itemsize, arch)
+
+
 def ffn_pinned_config() -> Optional[dict]:
-    """The launch config pinned by FASTATTN_FFN_CONFIG (missing keys from FFN_DEFAULT),
-    FFN_INTERPRETER_CONFIG under the interpreter, or None to autotune."""
+    """The keys pinned by FASTATTN_FFN_CONFIG (only those given), or None."""
     text = os.environ.get(FFN_CONFIG_ENV, "").strip()
     if not text:
-        if interpreted():
-            return dict(FFN_INTERPRETER_CONFIG)
         return None
-    pinned = dict(FFN_DEFAULT)
+    pinned = {}
     for item in text.split(","):
         key, sep, value = (part.strip() for part in item.partition("="))
         if not sep or key not in _FFN_KEYS or not value.isdigit() or int(value) < 1:
@@ -271,9 +404,25 @@ def ffn_pinned_config() -> Optional[dict]:
                              f"{', '.join(_FFN_KEYS)}; got {text!r}")
         pinned[key] = int(value)
     for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
-        if pinned[key] < 16 or pinned[key] & (pinned[key] - 1):
+        if key in pinned and (pinned[key] < 16 or pinned[key] & (pinned[key] - 1)):
             raise ValueError(f"{FFN_CONFIG_ENV}: {key} must be a power of 2 >= 16; got {pinned[key]}")
     return pinned
+
+
+def ffn_launch_config(kernel: str, device, dtype, M: int) -> Optional[dict]:
+    """The config of one launch of `kernel` with operands of `dtype` on `device` and an
+    output of M rows: the pinned keys over the default, None to autotune
+    (FASTATTN_AUTOTUNE=1, nothing pinned), the interpreter's config, or the default of
+    the device's architecture (arch_of)."""
+    pinned = ffn_pinned_config()
+    if pinned is None and autotune_enabled():
+        return None
+    if interpreted():
+        config = dict(FFN_INTERPRETER_CONFIG)
+    else:
+        config = ffn_default(kernel, arch_of(device), dtype, M)
+    config.update(pinned or {})
+    return config
 
 
 # ============================================================================
@@ -394,75 +543,137 @@ def attention_pinned_config() -> Optional[dict]:
 #
 # One program runs BLOCK_M query rows (the q_len queries of the heads sharing one kv
 # head; decode_attention_block_m) over one of NUM_SPLITS ranges of the cache in BLOCK_N
-# key tiles. The tuned parameters are BLOCK_N, num_warps and num_stages, keyed on
-# DECODE_ATTENTION_TUNE_KEY (a bucket of the keys per split, the tile widths and the
-# flags; Triton adds the dtypes). NUM_SPLITS is not tuned: decode_attention_num_splits
-# picks enough programs to fill the GPU (DECODE_ATTENTION_PROGRAMS_PER_SM) without
-# splits shorter than DECODE_ATTENTION_MIN_SPLIT_KEYS. FASTATTN_DECODE_ATTENTION_CONFIG
-# pins a config, e.g.
+# key tiles. A config is BLOCK_N, num_warps and num_stages. NUM_SPLITS is not tuned:
+# decode_attention_num_splits picks enough programs to fill the GPU
+# (DECODE_ATTENTION_PROGRAMS_PER_SM) without splits shorter than
+# DECODE_ATTENTION_MIN_SPLIT_KEYS, from the shapes and the cache capacity only (never
+# from cache_seqlens, which would need the host to read the device).
+#
+# Default (no tuning): DECODE_ATTENTION_DEFAULTS[(family, operands, head-dim bucket)]
+# for 16 query rows per program, operands "16bit" or "fp32", the bucket max(BLOCK_D,
+# BLOCK_DV) (64, 128 or 256); with more rows, 8 warps where the program's fp32
+# accumulators (output and score rows) would pass DECODE_ATTENTION_DEFAULT_ACCUMULATORS
+# per thread, and 16-key tiles for fp32 (whose FMA dot holds q, K and the scores in
+# registers; fp32 also takes at most 32 rows per program at head dim 256). The kernel is
+# memory-bound: the sm90 16-bit tiles keep three K/V tiles of 16-32 KB in flight per
+# program; the sm80 ones stay within the 99 KB of sm_86/sm_89; none spills on sm_90 or
+# sm_80 (benchmarks/NOTES.md). The combine kernel takes decode_attention_combine_config.
+# FASTATTN_AUTOTUNE=1 tunes over DECODE_ATTENTION_AUTOTUNE_SPACE (8 configs, fewer after
+# pruning), keyed on DECODE_ATTENTION_TUNE_KEY (a bucket of the keys per split, the tile
+# widths and the flags; Triton adds the dtypes); results are cached on disk.
+# FASTATTN_DECODE_ATTENTION_CONFIG pins a config, e.g.
 #     FASTATTN_DECODE_ATTENTION_CONFIG="BLOCK_N=64,NUM_SPLITS=8,num_warps=4,num_stages=2"
-# where BLOCK_N, num_warps, num_stages left out take DECODE_ATTENTION_DEFAULT's values
-# and NUM_SPLITS left out is picked as above. Under the Triton interpreter
-# DECODE_ATTENTION_INTERPRETER_CONFIG is used without tuning (small tiles, and a small
-# pretend GPU, so that the test caches span several tiles and splits).
+# where BLOCK_N, num_warps, num_stages left out take the default's values and
+# NUM_SPLITS left out is picked as above. Under the Triton interpreter
+# DECODE_ATTENTION_INTERPRETER_CONFIG is used (small tiles, and a small pretend GPU, so
+# that the test caches span several tiles and splits).
 
 DECODE_ATTENTION_CONFIG_ENV = "FASTATTN_DECODE_ATTENTION_CONFIG"
-DECODE_ATTENTION_DEFAULT = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 DECODE_ATTENTION_INTERPRETER_CONFIG = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+# (family, operands, head-dim bucket) -> (BLOCK_N, num_warps, num_stages)
+DECODE_ATTENTION_DEFAULTS = {
+    ("sm90", "16bit", 64): (128, 4, 3),
+    ("sm90", "16bit", 128): (64, 4, 3),
+    ("sm90", "16bit", 256): (32, 8, 3),
+    ("sm90", "fp32", 64): (32, 8, 2),
+    ("sm90", "fp32", 128): (32, 8, 2),
+    ("sm90", "fp32", 256): (32, 8, 2),
+    ("sm80", "16bit", 64): (64, 4, 3),
+    ("sm80", "16bit", 128): (64, 4, 2),
+    ("sm80", "16bit", 256): (32, 8, 2),
+    ("sm80", "fp32", 64): (32, 4, 2),
+    ("sm80", "fp32", 128): (32, 8, 2),
+    ("sm80", "fp32", 256): (16, 8, 2),
+}
+# (BLOCK_N, num_warps, num_stages) that FASTATTN_AUTOTUNE=1 tries
+DECODE_ATTENTION_AUTOTUNE_SPACE = ((32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 4, 3), (128, 4, 2), (32, 8, 2),
+                                   (64, 8, 2), (128, 8, 2))
 DECODE_ATTENTION_TUNE_KEY = ("split_keys_bucket", "BLOCK_M", "BLOCK_D", "BLOCK_DV", "PAGED", "HAS_SOFTCAP",
                              "HAS_ALIBI")
 DECODE_ATTENTION_MAX_BLOCK_M = 64  # most query rows per program (more rows of a kv head take more programs)
+DECODE_ATTENTION_MAX_BLOCK_M_FP32_D256 = 32  # fp32 at head dim 256: q and the output rows fill the registers
 DECODE_ATTENTION_MAX_SPLITS = 128
 DECODE_ATTENTION_MIN_SPLIT_KEYS = 256  # shortest cache range worth its own program (and partial output)
 DECODE_ATTENTION_PROGRAMS_PER_SM = 4  # programs wanted in flight per SM (a memory-bound kernel)
 DECODE_ATTENTION_INTERPRETER_SMS = 2  # the pretend GPU of the interpreter
 DECODE_ATTENTION_INTERPRETER_MIN_SPLIT_KEYS = 32
 DECODE_ATTENTION_COMBINE_SPLITS = 16  # partial outputs the combine kernel loads at once
-DECODE_ATTENTION_SHARED_MEMORY = 200 * 1024  # bytes for the q tile + num_stages K/V tiles (H100: 227 KiB)
-DECODE_ATTENTION_ACCUMULATOR_REGISTERS = 128  # most fp32 accumulator elements per thread
+DECODE_ATTENTION_ACCUMULATOR_REGISTERS = 128  # most fp32 accumulator elements per thread (autotuning)
+DECODE_ATTENTION_DEFAULT_ACCUMULATORS = 64  # the default goes to 8 warps above this (a margin from 255 registers)
 DECODE_ATTENTION_SPLIT_KEYS_BUCKETS = (64, 131072)  # keys-per-split bucket = next power of 2 in this range
-_DECODE_ATTENTION_SPACE = dict(BLOCK_N=(32, 64, 128), num_warps=(4, 8), num_stages=(2, 3, 4))
 _DECODE_ATTENTION_KEYS = ("BLOCK_N", "NUM_SPLITS", "num_warps", "num_stages")
 
 
-def decode_attention_block_m(rows: int) -> int:
-    """Query rows per program for `rows` = group·q_len rows per kv head (>= 16 for tl.dot)."""
-    return min(DECODE_ATTENTION_MAX_BLOCK_M, max(16, triton.next_power_of_2(rows)))
+def decode_attention_block_m(rows: int, element_size: int = 2, block_d: int = 128) -> int:
+    """Query rows per program for `rows` = group·q_len rows per kv head (>= 16 for tl.dot),
+    operands of element_size bytes and the padded head dim block_d (the larger of q/k's
+    and v's)."""
+    most = DECODE_ATTENTION_MAX_BLOCK_M
+    if element_size == 4 and block_d > 128:
+        most = DECODE_ATTENTION_MAX_BLOCK_M_FP32_D256
+    return min(most, max(16, triton.next_power_of_2(rows)))
+
+
+def decode_attention_shared_memory(block_m: int, block_n: int, num_stages: int, block_d: int, block_dv: int,
+                                   element_size: int) -> int:
+    """Bytes of the q tile and the num_stages buffered K and V tiles."""
+    return (block_m * block_d + num_stages * block_n * (block_d + block_dv)) * element_size
 
 
 def decode_attention_keep(block_m: int, block_n: int, num_warps: int, num_stages: int, block_d: int,
-                          block_dv: int, element_size: int = 2) -> bool:
+                          block_dv: int, element_size: int = 2, arch: int = 90) -> bool:
     """Whether a config is worth trying: the fp32 accumulators (output and score tiles)
-    fit in registers, the staged K/V tiles in shared memory, and every warp has a K tile
-    share of at least 8 elements per thread."""
+    fit in registers, the staged K/V tiles in the shared memory of `arch`, and every warp
+    has a K tile share of at least 8 elements per thread."""
     threads = 32 * num_warps
     if (block_m * block_dv + block_m * block_n) // threads > DECODE_ATTENTION_ACCUMULATOR_REGISTERS:
         return False
     if block_n * block_d // threads < 8:
         return False
-    staged = block_m * block_d + num_stages * block_n * (block_d + block_dv)
-    return staged * element_size <= DECODE_ATTENTION_SHARED_MEMORY
+    staged = decode_attention_shared_memory(block_m, block_n, num_stages, block_d, block_dv, element_size)
+    return staged <= shared_memory_per_block(arch)
 
 
 def decode_attention_configs() -> list:
-    """The whole space; decode_attention_prune keeps what fits a call."""
-    space = _DECODE_ATTENTION_SPACE
+    """The autotune space (8 configs); decode_attention_prune keeps what fits a call."""
     return [triton.Config({"BLOCK_N": n}, num_warps=warps, num_stages=stages)
-            for n, warps, stages in itertools.product(space["BLOCK_N"], space["num_warps"], space["num_stages"])]
+            for n, warps, stages in DECODE_ATTENTION_AUTOTUNE_SPACE]
 
 
 def decode_attention_prune(configs, named_args, **kwargs):
-    """early_config_prune: decode_attention_keep for the call's tiles and dtype, key
+    """early_config_prune: decode_attention_keep for the call's tiles, dtype and GPU, key
     tiles no longer than a split (keeps at least one config)."""
     args = {**named_args, **kwargs}
     element_size = args["Q"].element_size()
+    arch = arch_of(args["Q"].device)
     block_m, block_d, block_dv = args["BLOCK_M"], args["BLOCK_D"], args["BLOCK_DV"]
     fits = [c for c in configs
             if decode_attention_keep(block_m, c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, block_d, block_dv,
-                                     element_size)]
+                                     element_size, arch)]
     short = [c for c in fits if c.kwargs["BLOCK_N"] <= max(16, args["split_keys_bucket"])]
     smallest = min(configs, key=lambda c: (c.kwargs["BLOCK_N"], c.num_stages, c.num_warps))
     return short or fits[:1] or [smallest]
+
+
+def decode_attention_default(arch: int, dtype, block_m: int, block_d: int, block_dv: int) -> dict:
+    """The default (BLOCK_N, num_warps, num_stages) on compute capability `arch` for
+    caches of torch dtype `dtype`, BLOCK_M query rows and padded head dims."""
+    operands = "fp32" if dtype.itemsize == 4 else "16bit"
+    bucket = min(256, max(64, block_d, block_dv))
+    block_n, warps, stages = DECODE_ATTENTION_DEFAULTS[(arch_family(arch), operands, bucket)]
+    if operands == "fp32" and block_m > 16:
+        block_n = 16
+    if (block_m * block_dv + block_m * block_n) // (32 * warps) > DECODE_ATTENTION_DEFAULT_ACCUMULATORS:
+        warps = 8
+    while stages > 1 and decode_attention_shared_memory(block_m, block_n, stages, block_d, block_dv,
+                                                        dtype.itemsize) > shared_memory_per_block(arch):
+        stages -= 1
+    return {"BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
+
+
+def decode_attention_combine_config(block_dv: int) -> dict:
+    """The combine kernel's launch config: BLOCK_S partial outputs of BLOCK_DV fp32 per step."""
+    return {"BLOCK_S": DECODE_ATTENTION_COMBINE_SPLITS, "num_warps": 4 if block_dv >= 128 else 2}
 
 
 def decode_attention_split_keys_bucket(split_keys: int) -> int:
@@ -473,7 +684,7 @@ def decode_attention_split_keys_bucket(split_keys: int) -> int:
 def decode_attention_num_splits(programs: int, keys: int, sm_count: int) -> int:
     """Splits of the cache so that programs · splits fills sm_count SMs, each split at
     least DECODE_ATTENTION_MIN_SPLIT_KEYS long. `programs` = batch · kv_heads · row
-    blocks, `keys` = the most keys one sequence attends to."""
+    blocks, `keys` = the most keys one sequence can attend to (from the capacity)."""
     min_keys = DECODE_ATTENTION_INTERPRETER_MIN_SPLIT_KEYS if interpreted() else DECODE_ATTENTION_MIN_SPLIT_KEYS
     wanted = -(-sm_count * DECODE_ATTENTION_PROGRAMS_PER_SM // max(1, programs))
     return max(1, min(wanted, -(-keys // min_keys), DECODE_ATTENTION_MAX_SPLITS))
@@ -499,15 +710,20 @@ def decode_attention_pinned() -> Optional[dict]:
     return pinned
 
 
-def decode_attention_launch_config(programs: int, keys: int, sm_count: Optional[int]) -> tuple[int, Optional[dict]]:
-    """(num_splits, config) for one launch: config is the pinned or interpreter
-    (BLOCK_N, num_warps, num_stages), or None to autotune. sm_count None = the
-    interpreter's pretend GPU."""
+def decode_attention_launch_config(device, dtype, block_m: int, block_d: int, block_dv: int, programs: int,
+                                   keys: int, sm_count: Optional[int]) -> tuple[int, Optional[dict]]:
+    """(num_splits, config) for one launch on `device` with caches of `dtype`: config is
+    the pinned keys over the default (BLOCK_N, num_warps, num_stages), None to autotune
+    (FASTATTN_AUTOTUNE=1, no tile pinned), the interpreter's config, or the default of the
+    device's architecture. sm_count None = the interpreter's pretend GPU."""
     pinned = decode_attention_pinned() or {}
     sms = DECODE_ATTENTION_INTERPRETER_SMS if sm_count is None else sm_count
     num_splits = pinned.pop("NUM_SPLITS", None) or decode_attention_num_splits(programs, keys, sms)
-    if not pinned and not interpreted():
+    if not pinned and autotune_enabled():
         return num_splits, None
-    config = dict(DECODE_ATTENTION_INTERPRETER_CONFIG if interpreted() else DECODE_ATTENTION_DEFAULT)
+    if interpreted():
+        config = dict(DECODE_ATTENTION_INTERPRETER_CONFIG)
+    else:
+        config = decode_attention_default(arch_of(device), dtype, block_m, block_d, block_dv)
     config.update(pinned)
     return num_splits, config

@@ -49,6 +49,14 @@ import triton.language as tl
 
 from . import _config
 
+# The token count is never specialised (Triton would compile a variant for 1, one for
+# multiples of 16 and one for the rest): it is M here and K in the weight-gradient
+# kernel. The feature counts and the strides stay specialised: they are fixed per model,
+# and a feature count that is a multiple of 16 lets the masked loads along it stay
+# vectorised, which the pipeliner needs for asynchronous copies (an unspecialised K
+# leaves the mainloop of the sm_90 GEMM without cp.async).
+_RUNTIME_SIZES = ["M", "TUNE_KEY"]
+
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -72,6 +80,15 @@ def _tile_coords(
 
 
 @triton.jit
+def _times(
+    n: tl.constexpr,  # a tile size
+    stride,  # a runtime stride (or a stride of 1 that Triton specialised)
+):
+    """n · stride in int64: a pointer step that may pass 2³¹ elements."""
+    return tl.full((), n, tl.int64) * stride
+
+
+@triton.jit
 def _mm_loop(
     acc,  # (BLOCK_M, BLOCK_N) fp32 accumulator, returned with A·B added
     row_sum,  # (BLOCK_M,) fp32, returned with the row sums of A over K added if ROW_SUM (else as given)
@@ -91,8 +108,11 @@ def _mm_loop(
     ROW_SUM: tl.constexpr,  # also sum the A tiles it loads along K (the bias gradient)
 ):
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = A + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = B + offs_k[:, None] * stride_bk + offs_n[None, :].to(tl.int64) * stride_bn
+    k64 = offs_k.to(tl.int64)
+    a_ptrs = A + offs_m[:, None].to(tl.int64) * stride_am + k64[None, :] * stride_ak
+    b_ptrs = B + k64[:, None] * stride_bk + offs_n[None, :].to(tl.int64) * stride_bn
+    step_a = _times(BLOCK_K, stride_ak)
+    step_b = _times(BLOCK_K, stride_bk)
     rows_ok = offs_m[:, None] < M
     cols_ok = offs_n[None, :] < N
     for k in range(0, tl.cdiv(K, BLOCK_K)):
@@ -102,8 +122,8 @@ def _mm_loop(
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         if ROW_SUM:
             row_sum += tl.sum(a.to(tl.float32), axis=1)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+        a_ptrs += step_a
+        b_ptrs += step_b
     return acc, row_sum
 
 
@@ -129,9 +149,13 @@ def _mm_loop_two_b(
     DOT_PRECISION: tl.constexpr,
 ):
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = A + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
-    b1_ptrs = B1 + offs_k[:, None] * stride_b1k + offs_n[None, :].to(tl.int64) * stride_b1n
-    b2_ptrs = B2 + offs_k[:, None] * stride_b2k + offs_n[None, :].to(tl.int64) * stride_b2n
+    k64 = offs_k.to(tl.int64)
+    a_ptrs = A + offs_m[:, None].to(tl.int64) * stride_am + k64[None, :] * stride_ak
+    b1_ptrs = B1 + k64[:, None] * stride_b1k + offs_n[None, :].to(tl.int64) * stride_b1n
+    b2_ptrs = B2 + k64[:, None] * stride_b2k + offs_n[None, :].to(tl.int64) * stride_b2n
+    step_a = _times(BLOCK_K, stride_ak)
+    step_b1 = _times(BLOCK_K, stride_b1k)
+    step_b2 = _times(BLOCK_K, stride_b2k)
     rows_ok = offs_m[:, None] < M
     cols_ok = offs_n[None, :] < N
     for k in range(0, tl.cdiv(K, BLOCK_K)):
@@ -142,9 +166,9 @@ def _mm_loop_two_b(
         b2 = tl.load(b2_ptrs, mask=b_mask, other=0.0)
         acc1 = tl.dot(a, b1, acc1, input_precision=DOT_PRECISION)
         acc2 = tl.dot(a, b2, acc2, input_precision=DOT_PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b1_ptrs += BLOCK_K * stride_b1k
-        b2_ptrs += BLOCK_K * stride_b2k
+        a_ptrs += step_a
+        b1_ptrs += step_b1
+        b2_ptrs += step_b2
     return acc1, acc2
 
 
@@ -209,7 +233,7 @@ def _tile_ptrs(
 # ----------------------------------------------------------------------------- kernels
 
 
-@triton.jit(do_not_specialize=["TUNE_KEY"])
+@triton.jit(do_not_specialize=_RUNTIME_SIZES)
 def _ffn_fwd_kernel(
     A,  # (M, K) input rows: x, or act(H) for the second GEMM
     B,  # (K, N) Wᵀ, read through the nn.Linear weight's strides
@@ -246,7 +270,7 @@ def _ffn_fwd_kernel(
     acc, _ = _mm_loop(acc, 0.0, A, stride_am, stride_ak, B, stride_bk, stride_bn,
                       offs_m, offs_n, M, N, K, BLOCK_K, DOT_PRECISION, False)
     if HAS_BIAS:
-        bias = tl.load(BIAS + offs_n * stride_bias, mask=offs_n < N, other=0.0)
+        bias = tl.load(BIAS + offs_n.to(tl.int64) * stride_bias, mask=offs_n < N, other=0.0)
         acc += bias.to(tl.float32)[None, :]
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if STORE_PRE:
@@ -258,7 +282,7 @@ def _ffn_fwd_kernel(
         tl.store(out_ptrs, out.to(OUT.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["TUNE_KEY"])
+@triton.jit(do_not_specialize=_RUNTIME_SIZES)
 def _gated_ffn_fwd_kernel(
     X,  # (M, K) tokens
     B_GATE,  # (K, N) W_gateᵀ, read through the weight's strides
@@ -309,7 +333,7 @@ def _gated_ffn_fwd_kernel(
                  mask=mask)
 
 
-@triton.jit(do_not_specialize=["TUNE_KEY"])
+@triton.jit(do_not_specialize=_RUNTIME_SIZES)
 def _ffn_bwd_dact_kernel(
     DY,  # (M, K) gradient of y
     W,  # (K, N) W2 as stored, (d_out, d_hidden)
@@ -356,7 +380,7 @@ def _ffn_bwd_dact_kernel(
                  mask=mask)
 
 
-@triton.jit(do_not_specialize=["TUNE_KEY"])
+@triton.jit(do_not_specialize=_RUNTIME_SIZES)
 def _gated_ffn_bwd_dgated_kernel(
     DY,  # (M, K) gradient of y
     W,  # (K, N) W_down as stored, (d_out, d_hidden)
@@ -412,29 +436,22 @@ def _gated_ffn_bwd_dgated_kernel(
                  (act * up).to(PROD.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["TUNE_KEY"])
-def _ffn_bwd_gemm_kernel(
-    A1,  # (M, K) left operand: dyᵀ or dHᵀ (weight gradients, K = tokens), or dH (dx)
-    B1,  # (K, N) right operand: act(H) or x (weight gradients), or W1 (dx)
-    A2,  # (M, K) second left operand, read only if DUAL (gated dx: dU)
-    B2,  # (K, N) second right operand, read only if DUAL (gated dx: W_up)
-    C,  # (M, N) out: A1·B1 (+ A2·B2)
+@triton.jit(do_not_specialize=["K", "TUNE_KEY"])
+def _ffn_bwd_dw_kernel(
+    A1,  # (M, K) dyᵀ or dHᵀ (or dGᵀ, dUᵀ), read in place: K = tokens
+    B1,  # (K, N) act(H) or P, or x
+    C,  # (M, N) out: the weight gradient A1·B1
     ROW_SUM,  # (M,) fp32 out: Σ_k A1[:, k], the bias gradient; written only if HAS_ROW_SUM
-    M,
-    N,
-    K,
+    M,  # output features of the weight
+    N,  # input features of the weight
+    K,  # tokens
     TUNE_KEY,  # autotune key only: power-of-2 buckets of (M, N, K); unused
     stride_a1m,
     stride_a1k,
     stride_b1k,
     stride_b1n,
-    stride_a2m,
-    stride_a2k,
-    stride_b2k,
-    stride_b2n,
     stride_cm,
     stride_cn,
-    DUAL: tl.constexpr,
     HAS_ROW_SUM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -460,6 +477,44 @@ def _ffn_bwd_gemm_kernel(
     else:
         acc, _ = _mm_loop(acc, 0.0, A1, stride_a1m, stride_a1k, B1, stride_b1k, stride_b1n,
                           offs_m, offs_n, M, N, K, BLOCK_K, DOT_PRECISION, False)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(_tile_ptrs(C, stride_cm, stride_cn, offs_m, offs_n), acc.to(C.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=_RUNTIME_SIZES)
+def _ffn_bwd_dx_kernel(
+    A1,  # (M, K) dH (or dG): M = tokens
+    B1,  # (K, N) W1 (or W_gate) as stored, (d_hidden, d_model)
+    A2,  # (M, K) second left operand, read only if DUAL (gated: dU)
+    B2,  # (K, N) second right operand, read only if DUAL (gated: W_up)
+    C,  # (M, N) out: dx = A1·B1 (+ A2·B2)
+    M,  # tokens
+    N,  # model features
+    K,  # hidden features
+    TUNE_KEY,  # autotune key only: power-of-2 buckets of (M, N, K); unused
+    stride_a1m,
+    stride_a1k,
+    stride_b1k,
+    stride_b1n,
+    stride_a2m,
+    stride_a2k,
+    stride_b2k,
+    stride_b2n,
+    stride_cm,
+    stride_cn,
+    DUAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _tile_coords(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc, _ = _mm_loop(acc, 0.0, A1, stride_a1m, stride_a1k, B1, stride_b1k, stride_b1n,
+                      offs_m, offs_n, M, N, K, BLOCK_K, DOT_PRECISION, False)
     if DUAL:
         acc, _ = _mm_loop(acc, 0.0, A2, stride_a2m, stride_a2k, B2, stride_b2k, stride_b2n,
                           offs_m, offs_n, M, N, K, BLOCK_K, DOT_PRECISION, False)
@@ -469,44 +524,53 @@ def _ffn_bwd_gemm_kernel(
 
 # ----------------------------------------------------------------------------- launchers
 
+# launch name (the config class is _config.FFN_CONFIG_CLASS[name]) -> kernel
 _KERNELS = {
     "fwd": _ffn_fwd_kernel,
+    "out": _ffn_fwd_kernel,
     "gated_fwd": _gated_ffn_fwd_kernel,
     "dact": _ffn_bwd_dact_kernel,
     "dgated": _gated_ffn_bwd_dgated_kernel,
-    "gemm": _ffn_bwd_gemm_kernel,
+    "dw": _ffn_bwd_dw_kernel,
+    "dx": _ffn_bwd_dx_kernel,
 }
-# kernels that hold two (BLOCK_M, BLOCK_N) fp32 accumulators get a smaller tile space
-_TWO_ACCUMULATORS = ("gated_fwd",)
+# outputs a kernel may write over one of its inputs (recompute: dH over H, dG and dU over
+# G and U): the autotuner runs every config on the same buffers, so it restores them
+# after each run
+_WRITTEN_OVER_INPUTS = {"dact": ["DPRE"], "dgated": ["DGATE", "DUP"]}
 _tuned: dict = {}
 
 
-def _autotuned(name: str):
-    """The autotuned wrapper of one kernel, built on first use."""
-    if name not in _tuned:
-        accumulators = 2 if name in _TWO_ACCUMULATORS else 1
-        _tuned[name] = triton.autotune(
-            configs=_config.ffn_configs(accumulators),
+def _autotuned(name: str, family: str):
+    """The autotuned wrapper of one kernel (FASTATTN_AUTOTUNE=1), built on first use."""
+    if (name, family) not in _tuned:
+        _tuned[name, family] = triton.autotune(
+            configs=_config.ffn_configs(name, family),
             key=["TUNE_KEY"],
-            prune_configs_by={"early_config_prune": _config.ffn_prune_for_inputs(accumulators)},
+            prune_configs_by={"early_config_prune": _config.ffn_prune(name)},
+            restore_value=_WRITTEN_OVER_INPUTS.get(name),
+            cache_results=True,
         )(_KERNELS[name])
-    return _tuned[name]
+    return _tuned[name, family]
 
 
 def _launch(name: str, M: int, N: int, **args) -> None:
-    """Launch kernel `name` over the (M, N) output tiles: with the pinned config
-    (FASTATTN_FFN_CONFIG, or the interpreter's small one) or else autotuned."""
+    """Launch kernel `name` over the (M, N) output tiles with the config of
+    _config.ffn_launch_config (the default of the operands' GPU, the pinned one, the
+    interpreter's), or autotuned with FASTATTN_AUTOTUNE=1."""
     if M == 0 or N == 0:
         return
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    pinned = _config.ffn_pinned_config()
-    if pinned is not None:
-        _KERNELS[name][grid](M=M, N=N, TUNE_KEY=0, **args, **pinned)
+    operand = next(iter(args.values()))  # every launch passes its A operand first
+    config = _config.ffn_launch_config(name, operand.device, operand.dtype, M)
+    if config is None:
+        family = _config.arch_family(_config.arch_of(operand.device))
+        _autotuned(name, family)[grid](M=M, N=N, TUNE_KEY=_tune_key(M, N, args["K"]), **args)
     else:
-        _autotuned(name)[grid](M=M, N=N, TUNE_KEY=_tune_key(M, N, args["K"]), **args)
+        _KERNELS[name][grid](M=M, N=N, TUNE_KEY=0, **args, **config)
 
 
 def _tune_key(M: int, N: int, K: int) -> int:
@@ -538,7 +602,7 @@ def _linear(a, w, bias, out, pre, activation: str) -> None:
     N = w.shape[0]
     dummy = out if out is not None else pre
     _launch(
-        "fwd", M, N,
+        "out" if activation == "none" and pre is None else "fwd", M, N,
         A=a, B=w, BIAS=bias if bias is not None else dummy, OUT=dummy if out is None else out,
         PRE=dummy if pre is None else pre, K=K,
         stride_am=a.stride(0), stride_ak=a.stride(1), stride_bk=w.stride(1), stride_bn=w.stride(0),
@@ -572,28 +636,45 @@ def _gated_linear(x, w_gate, w_up, out, gate, up, activation: str) -> None:
     )
 
 
-def _matmul(a1, b1, a2=None, b2=None, row_sum: bool = False):
-    """a1·b1 (+ a2·b2) for (M, K)·(K, N) operands of any strides, and the fp32 row
-    sums of a1 (or None)."""
-    M, K = a1.shape
-    N = b1.shape[1]
-    c = a1.new_empty(M, N)
-    sums = torch.empty(M, dtype=torch.float32, device=a1.device) if row_sum else None
+def _weight_grad(a, b, row_sum: bool = False):
+    """a·b for a (M, K) and b (K, N) of any strides with K = tokens, and the fp32 row sums
+    of a (or None)."""
+    M, K = a.shape
+    N = b.shape[1]
+    c = a.new_empty(M, N)
+    sums = torch.empty(M, dtype=torch.float32, device=a.device) if row_sum else None
     if K == 0 or N == 0:
         c.zero_()
         if sums is not None:
-            torch.sum(a1, dim=1, dtype=torch.float32, out=sums)
+            torch.sum(a, dim=1, dtype=torch.float32, out=sums)
         return c, sums
+    _launch(
+        "dw", M, N,
+        A1=a, B1=b, C=c, ROW_SUM=sums if row_sum else c, K=K,
+        stride_a1m=a.stride(0), stride_a1k=a.stride(1), stride_b1k=b.stride(0), stride_b1n=b.stride(1),
+        stride_cm=c.stride(0), stride_cn=c.stride(1),
+        HAS_ROW_SUM=row_sum, DOT_PRECISION=_dot_precision(a.dtype),
+    )
+    return c, sums
+
+
+def _input_grad(a1, b1, a2=None, b2=None):
+    """a1·b1 (+ a2·b2) for (M, K)·(K, N) operands of any strides with M = tokens."""
+    M, K = a1.shape
+    N = b1.shape[1]
+    c = a1.new_empty(M, N)
+    if K == 0 or N == 0:
+        return c.zero_()
     a2_, b2_ = (a1, b1) if a2 is None else (a2, b2)
     _launch(
-        "gemm", M, N,
-        A1=a1, B1=b1, A2=a2_, B2=b2_, C=c, ROW_SUM=sums if row_sum else c, K=K,
+        "dx", M, N,
+        A1=a1, B1=b1, A2=a2_, B2=b2_, C=c, K=K,
         stride_a1m=a1.stride(0), stride_a1k=a1.stride(1), stride_b1k=b1.stride(0), stride_b1n=b1.stride(1),
         stride_a2m=a2_.stride(0), stride_a2k=a2_.stride(1), stride_b2k=b2_.stride(0), stride_b2n=b2_.stride(1),
         stride_cm=c.stride(0), stride_cn=c.stride(1),
-        DUAL=a2 is not None, HAS_ROW_SUM=row_sum, DOT_PRECISION=_dot_precision(a1.dtype),
+        DUAL=a2 is not None, DOT_PRECISION=_dot_precision(a1.dtype),
     )
-    return c, sums
+    return c
 
 
 def ffn_forward(x, w1, b1, w2, b2, activation: str, save_hidden: bool):
@@ -628,9 +709,9 @@ def ffn_backward(dy, x, w1, b1, w2, b2, hidden_pre: Optional[torch.Tensor], acti
             stride_actm=hidden.stride(0), stride_actn=hidden.stride(1),
             ACTIVATION=activation, STORE_ACT=True, DOT_PRECISION=_dot_precision(x.dtype),
         )
-    dw2, db2 = _matmul(dy.t(), hidden, row_sum=b2 is not None)  # (n, h), (n,)
-    dw1, db1 = _matmul(dpre.t(), x, row_sum=b1 is not None)  # (h, d), (h,)
-    dx, _ = _matmul(dpre, w1)  # (M, d)
+    dw2, db2 = _weight_grad(dy.t(), hidden, row_sum=b2 is not None)  # (n, h), (n,)
+    dw1, db1 = _weight_grad(dpre.t(), x, row_sum=b1 is not None)  # (h, d), (h,)
+    dx = _input_grad(dpre, w1)  # (M, d)
     return (dx, dw1, None if db1 is None else db1.to(x.dtype), dw2, None if db2 is None else db2.to(x.dtype))
 
 
@@ -669,8 +750,8 @@ def gated_ffn_backward(dy, x, w_gate, w_up, w_down, gate, up, activation: str):
             stride_prodn=prod.stride(1),
             ACTIVATION=activation, STORE_PROD=True, DOT_PRECISION=_dot_precision(x.dtype),
         )
-    dw_down, _ = _matmul(dy.t(), prod)  # (n, h)
-    dw_gate, _ = _matmul(dgate.t(), x)  # (h, d)
-    dw_up, _ = _matmul(dup.t(), x)  # (h, d)
-    dx, _ = _matmul(dgate, w_gate, dup, w_up)  # (M, d)
+    dw_down, _ = _weight_grad(dy.t(), prod)  # (n, h)
+    dw_gate, _ = _weight_grad(dgate.t(), x)  # (h, d)
+    dw_up, _ = _weight_grad(dup.t(), x)  # (h, d)
+    dx = _input_grad(dgate, w_gate, dup, w_up)  # (M, d)
     return dx, dw_gate, dw_up, dw_down

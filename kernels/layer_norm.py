@@ -20,13 +20,14 @@ Backward, with g = dy · w:
 
 Two row layouts. A row that fits in registers (BLOCK_N ≥ N, SINGLE_PASS) is loaded once;
 small rows are packed ROWS to a program. A wider row is walked in BLOCK_N-column chunks
-twice: once for the statistics, once to normalize (the second read mostly hits L2). The
+twice: once for the statistics (storing s), once to normalize, reading s back (x, or
+residual_out when a residual was added: one stream, mostly from L2). The
 looped layer-norm statistics are one-pass and stable: every lane of the chunk keeps a
 Welford mean and M2 of the values it saw, and the lanes are merged at the end (Chan):
 
     mean = Σ_l n_l·mean_l / N,   M2 = Σ_l (M2_l + n_l·(mean_l - mean)²),   var = M2 / N
 
-dw and db: the backward runs a persistent grid of P programs (about one per SM); program
+dw and db: the backward runs a persistent grid of P programs (a few per SM); program
 p walks its own contiguous block of rows and accumulates Σ dy·x̂ and Σ dy in fp32 (in
 registers when SINGLE_PASS, else in its own row of the partial buffer), then writes row p
 of DW_PARTIAL / DB_PARTIAL (P, N). One sum over P finishes them: no atomics, so the result
@@ -52,15 +53,15 @@ def _load_sum(
     X_row,  # (ROWS, 1) pointers to the rows of x
     R_row,  # (ROWS, 1) pointers to the rows of the residual
     R_OUT_row,  # (ROWS, 1) pointers to the rows of residual_out
-    cols,  # (BLOCK_N,) column indices
+    cols,  # (BLOCK_N,) int64 column indices
     stride_xn,  # x column stride
     stride_rn,  # residual column stride
     stride_on,  # residual_out column stride
     mask,  # (ROWS, BLOCK_N) in-bounds elements
     HAS_RESIDUAL: tl.constexpr,  # s = x + r rather than s = x
-    STORE: tl.constexpr,  # write s to residual_out
 ):
-    """s = x + r in residual_out's dtype (x alone without a residual), returned in fp32."""
+    """s = x + r in residual_out's dtype, stored to residual_out (x alone without a
+    residual), returned in fp32."""
     s = tl.load(X_row + cols[None, :] * stride_xn, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         s_dtype = R_OUT_row.dtype.element_ty
@@ -70,12 +71,15 @@ def _load_sum(
         else:
             # Added in fp32 and rounded once, as torch adds 16-bit floats.
             s = (s.to(s_dtype).to(tl.float32) + r.to(s_dtype).to(tl.float32)).to(s_dtype)
-        if STORE:
-            tl.store(R_OUT_row + cols[None, :] * stride_on, s, mask=mask)
+        tl.store(R_OUT_row + cols[None, :] * stride_on, s, mask=mask)
     return s.to(tl.float32)
 
 
-@triton.jit
+# The row count M varies from call to call (tokens) and is not specialised: each value
+# class (1, multiple of 16, other) would compile its own variant. N (hidden) and the
+# strides stay specialised: fixed per model, and N or a row stride that is a multiple of
+# 16 keeps the row loads 128 bits wide.
+@triton.jit(do_not_specialize=["M"])
 def _layer_norm_fwd_kernel(
     X,  # input x, (M, N)
     R,  # residual, (M, N); unused without HAS_RESIDUAL
@@ -111,6 +115,7 @@ def _layer_norm_fwd_kernel(
     row_mask = rows < M
     rows = rows.to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
+    cols64 = cols.to(tl.int64)  # pointer offsets: column · stride may pass 2³¹ (a transposed x)
     X_row = X + rows[:, None] * stride_xm
     R_row = R + rows[:, None] * stride_rm
     R_OUT_row = R_OUT + rows[:, None] * stride_om
@@ -119,8 +124,7 @@ def _layer_norm_fwd_kernel(
     if SINGLE_PASS:
         col_mask = cols < N
         mask = row_mask[:, None] & col_mask[None, :]
-        s = _load_sum(X_row, R_row, R_OUT_row, cols, stride_xn, stride_rn, stride_on, mask,
-                      HAS_RESIDUAL, True)
+        s = _load_sum(X_row, R_row, R_OUT_row, cols64, stride_xn, stride_rn, stride_on, mask, HAS_RESIDUAL)
         if IS_RMS_NORM:
             rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=1) / N + eps)
             x_hat = s * rstd[:, None]
@@ -134,7 +138,7 @@ def _layer_norm_fwd_kernel(
             y = y * tl.load(W + cols * stride_w, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         if HAS_BIAS:
             y = y + tl.load(B + cols * stride_b, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(Y_row + cols[None, :] * stride_yn, y.to(Y.dtype.element_ty), mask=mask)
+        tl.store(Y_row + cols64[None, :] * stride_yn, y.to(Y.dtype.element_ty), mask=mask)
     else:
         # Pass 1: statistics, chunk by chunk (and residual_out written once).
         if IS_RMS_NORM:
@@ -144,9 +148,8 @@ def _layer_norm_fwd_kernel(
             lane_m2 = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
         for start in range(0, N, BLOCK_N):
             mask = row_mask[:, None] & (start + cols < N)[None, :]
-            s = _load_sum(X_row + start * stride_xn, R_row + start * stride_rn,
-                          R_OUT_row + start * stride_on, cols, stride_xn, stride_rn, stride_on, mask,
-                          HAS_RESIDUAL, True)
+            s = _load_sum(X_row, R_row, R_OUT_row, start + cols64, stride_xn, stride_rn, stride_on, mask,
+                          HAS_RESIDUAL)
             if IS_RMS_NORM:
                 lane_sq += s * s
             else:
@@ -164,13 +167,18 @@ def _layer_norm_fwd_kernel(
             spread = lane_mean - mean[:, None]
             m2 = tl.sum(lane_m2 + lane_count[None, :] * spread * spread, axis=1)
             rstd = 1.0 / tl.sqrt(m2 / N + eps)
-        # Pass 2: normalize.
+        # Pass 2: normalize s, read back from residual_out when pass 1 stored it (one
+        # stream instead of x and r again; the same values, s was rounded before the store).
+        if HAS_RESIDUAL:
+            tl.debug_barrier()  # pass 1's stores are visible to every thread of the program
         for start in range(0, N, BLOCK_N):
             col_mask = start + cols < N
             mask = row_mask[:, None] & col_mask[None, :]
-            s = _load_sum(X_row + start * stride_xn, R_row + start * stride_rn,
-                          R_OUT_row, cols, stride_xn, stride_rn, stride_on, mask,
-                          HAS_RESIDUAL, False)
+            if HAS_RESIDUAL:
+                s = tl.load(R_OUT_row + (start + cols64)[None, :] * stride_on, mask=mask, other=0.0)
+            else:
+                s = tl.load(X_row + (start + cols64)[None, :] * stride_xn, mask=mask, other=0.0)
+            s = s.to(tl.float32)
             y = (s - mean[:, None]) * rstd[:, None]
             if HAS_WEIGHT:
                 w = tl.load(W + (start + cols) * stride_w, mask=col_mask, other=0.0)
@@ -178,7 +186,7 @@ def _layer_norm_fwd_kernel(
             if HAS_BIAS:
                 b = tl.load(B + (start + cols) * stride_b, mask=col_mask, other=0.0)
                 y = y + b.to(tl.float32)[None, :]
-            tl.store(Y_row + (start + cols)[None, :] * stride_yn, y.to(Y.dtype.element_ty), mask=mask)
+            tl.store(Y_row + (start + cols64)[None, :] * stride_yn, y.to(Y.dtype.element_ty), mask=mask)
 
     if not IS_RMS_NORM:
         tl.store(MEAN + rows, mean, mask=row_mask)
@@ -190,7 +198,7 @@ def _norm_bwd_tile(
     S_row,  # (ROWS, 1) pointers to the rows of s
     DY_row,  # (ROWS, 1) pointers to the rows of dy
     W,  # weight, (N,)
-    cols,  # (BLOCK_N,) column indices of this tile
+    cols,  # (BLOCK_N,) int64 column indices of this tile
     stride_sn,  # s column stride
     stride_dyn,  # dy column stride
     stride_w,  # weight stride
@@ -214,7 +222,7 @@ def _norm_bwd_tile(
     return x_hat, dy, g
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _layer_norm_bwd_kernel(
     DY,  # gradient of y, (M, N); any strides (0 included)
     DRES,  # gradient of residual_out, (M, N); unused without HAS_DRESIDUAL
@@ -251,6 +259,7 @@ def _layer_norm_bwd_kernel(
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
     cols = tl.arange(0, BLOCK_N)
+    cols64 = cols.to(tl.int64)  # pointer offsets: column · stride may pass 2³¹ (a transposed s or dy)
     DW_row = DW_PARTIAL + pid.to(tl.int64) * N
     DB_row = DB_PARTIAL + pid.to(tl.int64) * N
 
@@ -284,7 +293,7 @@ def _layer_norm_bwd_kernel(
 
         if SINGLE_PASS:
             mask = row_mask[:, None] & col_mask[None, :]
-            x_hat, dy, g = _norm_bwd_tile(S_row, DY_row, W, cols, stride_sn, stride_dyn, stride_w,
+            x_hat, dy, g = _norm_bwd_tile(S_row, DY_row, W, cols64, stride_sn, stride_dyn, stride_w,
                                           mask, col_mask, mean, rstd, IS_RMS_NORM, HAS_WEIGHT)
             c1 = tl.sum(x_hat * g, axis=1) / N
             if IS_RMS_NORM:
@@ -293,8 +302,8 @@ def _layer_norm_bwd_kernel(
                 c2 = tl.sum(g, axis=1) / N
                 ds = (g - x_hat * c1[:, None] - c2[:, None]) * rstd[:, None]
             if HAS_DRESIDUAL:
-                ds += tl.load(DRES_row + cols[None, :] * stride_drn, mask=mask, other=0.0).to(tl.float32)
-            tl.store(DS_row + cols[None, :] * stride_dsn, ds.to(DS.dtype.element_ty), mask=mask)
+                ds += tl.load(DRES_row + cols64[None, :] * stride_drn, mask=mask, other=0.0).to(tl.float32)
+            tl.store(DS_row + cols64[None, :] * stride_dsn, ds.to(DS.dtype.element_ty), mask=mask)
             if HAS_WEIGHT:
                 dw_acc += tl.sum(dy * x_hat, axis=0)
             if HAS_BIAS:
@@ -306,8 +315,7 @@ def _layer_norm_bwd_kernel(
             for start in range(0, N, BLOCK_N):
                 col_mask = start + cols < N
                 mask = row_mask[:, None] & col_mask[None, :]
-                x_hat, dy, g = _norm_bwd_tile(S_row + start * stride_sn, DY_row + start * stride_dyn,
-                                              W + start * stride_w, cols, stride_sn, stride_dyn,
+                x_hat, dy, g = _norm_bwd_tile(S_row, DY_row, W, start + cols64, stride_sn, stride_dyn,
                                               stride_w, mask, col_mask, mean, rstd, IS_RMS_NORM,
                                               HAS_WEIGHT)
                 c1 += tl.sum(x_hat * g, axis=1)
@@ -318,8 +326,7 @@ def _layer_norm_bwd_kernel(
             for start in range(0, N, BLOCK_N):
                 col_mask = start + cols < N
                 mask = row_mask[:, None] & col_mask[None, :]
-                x_hat, dy, g = _norm_bwd_tile(S_row + start * stride_sn, DY_row + start * stride_dyn,
-                                              W + start * stride_w, cols, stride_sn, stride_dyn,
+                x_hat, dy, g = _norm_bwd_tile(S_row, DY_row, W, start + cols64, stride_sn, stride_dyn,
                                               stride_w, mask, col_mask, mean, rstd, IS_RMS_NORM,
                                               HAS_WEIGHT)
                 if IS_RMS_NORM:
@@ -327,9 +334,9 @@ def _layer_norm_bwd_kernel(
                 else:
                     ds = (g - x_hat * c1[:, None] - c2[:, None]) * rstd[:, None]
                 if HAS_DRESIDUAL:
-                    dres = tl.load(DRES_row + (start + cols)[None, :] * stride_drn, mask=mask, other=0.0)
+                    dres = tl.load(DRES_row + (start + cols64)[None, :] * stride_drn, mask=mask, other=0.0)
                     ds += dres.to(tl.float32)
-                tl.store(DS_row + (start + cols)[None, :] * stride_dsn, ds.to(DS.dtype.element_ty),
+                tl.store(DS_row + (start + cols64)[None, :] * stride_dsn, ds.to(DS.dtype.element_ty),
                          mask=mask)
                 if HAS_WEIGHT:
                     dw = tl.load(DW_row + start + cols, mask=col_mask, other=0.0)
@@ -351,12 +358,14 @@ _layer_norm_fwd_tuned = triton.autotune(
     configs=_config.layer_norm_configs(),
     key=["N", "IS_RMS_NORM", "HAS_WEIGHT", "HAS_BIAS", "HAS_RESIDUAL", "SINGLE_PASS", "BLOCK_N"],
     prune_configs_by={"early_config_prune": _config.layer_norm_prune(backward=False)},
+    cache_results=True,
 )(_layer_norm_fwd_kernel)
 
 _layer_norm_bwd_tuned = triton.autotune(
     configs=_config.layer_norm_configs(),
     key=["N", "IS_RMS_NORM", "HAS_WEIGHT", "HAS_BIAS", "HAS_DRESIDUAL", "SINGLE_PASS", "BLOCK_N"],
     prune_configs_by={"early_config_prune": _config.layer_norm_prune(backward=True)},
+    cache_results=True,
 )(_layer_norm_bwd_kernel)
 
 
@@ -369,13 +378,12 @@ def _sm_count(index: int) -> int:
 
 
 def _backward_programs(device: torch.device, rows: int) -> int:
-    """Size of the backward's persistent grid: about one program per SM (a few on CPU)."""
+    """Size of the backward's persistent grid (_config.layer_norm_backward_programs): a
+    few programs per SM, a fixed few on CPU."""
+    sm_count = None
     if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        programs = _sm_count(index) * _config.LAYER_NORM_BWD_PROGRAMS_PER_SM
-    else:
-        programs = _config.LAYER_NORM_INTERPRETER_BWD_PROGRAMS
-    return max(1, min(programs, rows))
+        sm_count = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return _config.layer_norm_backward_programs(rows, sm_count)
 
 
 def _on_device(t: Tensor):
@@ -383,8 +391,9 @@ def _on_device(t: Tensor):
 
 
 def _launch(plain, tuned, grid, args: tuple, hidden: int, backward: bool, **constexprs):
-    """Launch with the pinned/interpreter config, else the autotuned kernel. `grid` is
-    a function of the config's ROWS."""
+    """Launch with the config of _config.layer_norm_launch_config (the default, the pinned
+    one, the interpreter's), or the autotuned kernel (FASTATTN_AUTOTUNE=1). `grid` is a
+    function of the config's ROWS."""
     block_n, config = _config.layer_norm_launch_config(hidden, backward)
     constexprs.update(SINGLE_PASS=block_n >= hidden, BLOCK_N=block_n)
     if config is None:

@@ -133,3 +133,46 @@ def edge_failures(check) -> list[str]:
             failures.append(f"(tokens, d_model, d_hidden, d_out) = {shape} (≡ {residues} mod {EDGE_BLOCK}): "
                             f"{str(error).splitlines()[0]}")
     return failures
+
+
+# ----------------------------------------------------------------------------- forced autotuning
+
+
+def force_autotuning(monkeypatch):
+    """Make kernels/ffn.py autotune even here (the interpreter never does): the
+    FASTATTN_AUTOTUNE switch on, a space of two small configs, and a benchmark that runs
+    each config twice on the same buffers (Triton's do_bench runs it many times; the
+    interpreter has none) and times it with the host clock. Everything else is the real
+    triton.autotune path: pruning, the pre/post hooks that restore buffers, the choice
+    of a config and the final launch."""
+    import time
+
+    import triton
+    from triton.runtime import autotuner
+
+    from fastattn.kernels import _config
+    from fastattn.kernels import ffn as kernels
+
+    space = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=1, num_stages=1),
+             triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 1}, num_warps=1, num_stages=1)]
+
+    def bench(kernel_call, quantiles):
+        start = time.perf_counter()
+        kernel_call()
+        kernel_call()
+        return [time.perf_counter() - start] * len(quantiles)
+
+    monkeypatch.delenv(_config.FFN_CONFIG_ENV, raising=False)
+    monkeypatch.setattr(_config, "autotune_enabled", lambda: True)
+    monkeypatch.setattr(_config, "ffn_configs", lambda kernel, family: list(space))
+    monkeypatch.setattr(kernels, "_tuned", {})
+    monkeypatch.setattr(autotuner.Autotuner, "do_bench", property(lambda self: bench))
+    benched = []
+    real_bench = autotuner.Autotuner._bench
+
+    def counting_bench(self, *args, config, **meta):
+        benched.append(self.base_fn.__name__)
+        return real_bench(self, *args, config=config, **meta)
+
+    monkeypatch.setattr(autotuner.Autotuner, "_bench", counting_bench)
+    return benched

@@ -183,6 +183,16 @@ def pin_config_on_gpu(monkeypatch, env: str, config: str) -> None:
         monkeypatch.setenv(env, config)
 
 
+def huge_strided(shape, strides, dtype=torch.float16) -> torch.Tensor:
+    """A view on DEVICE with the given strides (in elements, they may pass 2³¹) over storage
+    just big enough for it; only the view's elements are written, so the rest stays
+    untouched virtual memory (a few GB of address space, a few MB resident)."""
+    size = 1 + sum((n - 1) * s for n, s in zip(shape, strides))
+    view = torch.empty(size, dtype=dtype, device=DEVICE).as_strided(shape, strides)
+    view.copy_(torch.randn(shape, device=DEVICE).to(dtype))
+    return view
+
+
 def leaves(*tensors: Optional[torch.Tensor]):
     """Detached copies that require grad (None stays None)."""
     return [None if t is None else t.detach().clone().requires_grad_(t.is_floating_point()) for t in tensors]
@@ -196,6 +206,6 @@ def grads(outputs, inputs, cotangent):
 
 
 __all__ = ["fastattn", "DEVICE", "R", "U", "pin_config_on_gpu", "FACTOR", "GRAD_FACTOR", "ATOL", "assert_within_naive_error", "backends_of",
-           "leaves", "grads", "max_error", "FORWARD_IS_REFERENCE", "forward_is_reference", "in_ci",
+           "huge_strided", "leaves", "grads", "max_error", "FORWARD_IS_REFERENCE", "forward_is_reference", "in_ci",
            "missing_prerequisite", "require", "require_module", "triton_missing_reason", "requires_triton",
            "check_prerequisites", "all_residues", "every_residue_once"]

@@ -115,13 +115,15 @@ def no_op_may_run(monkeypatch):
 
 
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_bad_input_is_rejected_before_any_work(case, no_op_may_run):
+def test_bad_input_is_rejected_before_any_work(case, no_op_may_run, monkeypatch):
+    monkeypatch.setenv(decode_op.DEBUG_ENV, "1")  # decode_attention checks cache values on the host only then
     call, error, message = CASES[case]
     with pytest.raises(error, match=message):
         call()
 
 
-def test_decode_bad_input_leaves_the_cache_untouched():
+def test_decode_bad_input_leaves_the_cache_untouched(monkeypatch):
+    monkeypatch.setenv(decode_op.DEBUG_ENV, "1")
     k_cache, v_cache = R(2, 2, 32, 8), R(2, 2, 32, 8)
     before = (k_cache.clone(), v_cache.clone())
     with pytest.raises(ValueError):

@@ -20,8 +20,10 @@ import torch
 
 import fastattn
 from fastattn import backends, reference
+from fastattn.ops import decode_attention as decode_op
 from helpers import (
-    DEVICE, R, U, all_residues, assert_within_naive_error, every_residue_once, forward_is_reference, requires_triton,
+    DEVICE, R, U, all_residues, assert_within_naive_error, every_residue_once, forward_is_reference, huge_strided,
+    requires_triton,
 )
 
 CONFIG_ENV = "FASTATTN_DECODE_ATTENTION_CONFIG"
@@ -373,3 +375,155 @@ def test_tile_edges_every_residue(case, monkeypatch):
     k_cache, v_cache, table = _caches(len(lengths), 1, max(lengths), 16, page_size)
     q = R(len(lengths), 2, q_len, 16)
     check_decode(q, k_cache, v_cache, _seqlens(lengths), block_table=table, window_size=window)
+
+
+# ----------------------------------------------------------------------------- issue 14: no host reads
+
+
+def _forbid_host_reads(monkeypatch):
+    """Make every way of reading a tensor's value on the host raise."""
+    def forbidden(name):
+        def read(self, *args, **kwargs):
+            raise AssertionError(f"decode read a tensor value on the host (Tensor.{name})")
+        return read
+
+    for name in ("item", "tolist", "__int__", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden(name))
+
+
+@pytest.mark.parametrize("page_size,splits", [(None, 1), (16, 3), (5, 2)], ids=["contiguous", "paged16", "paged5"])
+def test_triton_path_never_reads_the_device(page_size, splits, monkeypatch):
+    """The whole Triton call, the in-place append included, runs with Tensor.item,
+    tolist, __int__ and __bool__ raising: no value goes to the host, so a decoding step
+    never waits for the GPU and can be captured in a CUDA graph."""
+    _pin(monkeypatch, f"NUM_SPLITS={splits}")
+    batch, heads, kv_heads, q_len, d = 2, 4, 2, 2, 16
+    k_cache, v_cache, table = _caches(batch, kv_heads, 48, d, page_size)
+    q = R(batch, heads, q_len, d)
+    k_new, v_new = R(batch, kv_heads, q_len, d), R(batch, kv_heads, q_len, d)
+    seqlens = _seqlens([2, 37])
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    decode_op._torch_append(k_new, v_new, expected_k, expected_v, seqlens, table)
+    expected = reference.decode_attention(q.double(), expected_k.double(), expected_v.double(), seqlens,
+                                          block_table=table, return_lse=True)
+    with monkeypatch.context() as patched:
+        _forbid_host_reads(patched)
+        out, lse = fastattn.decode_attention(q, k_cache, v_cache, seqlens, block_table=table, k_new=k_new,
+                                             v_new=v_new, return_lse=True, backend="triton")
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+    torch.testing.assert_close(out.double(), expected[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), expected[1].double(), atol=1e-5, rtol=1e-5)
+
+
+def test_debug_checks_read_the_values(monkeypatch):
+    """FASTATTN_DEBUG=1 checks cache_seqlens and block_table on the host, before any
+    launch (these reads are exactly what the default path must not do)."""
+    k_cache, v_cache, table = _caches(2, 1, 32, 16, page_size=16)
+    q = R(2, 2, 1, 16)
+    monkeypatch.setenv(decode_op.DEBUG_ENV, "1")
+    with pytest.raises(ValueError, match=r"cache_seqlens must lie in \[q_len, capacity\] = \[1, 32\]"):
+        fastattn.decode_attention(q, k_cache, v_cache, _seqlens([3, 33]), block_table=table, backend="triton")
+    with monkeypatch.context() as patched:
+        _forbid_host_reads(patched)
+        with pytest.raises(AssertionError, match="host"):
+            fastattn.decode_attention(q, k_cache, v_cache, _seqlens([3, 30]), block_table=table, backend="triton")
+    monkeypatch.setenv(decode_op.DEBUG_ENV, "yes")
+    with pytest.raises(ValueError, match="FASTATTN_DEBUG must be 0 or 1"):
+        fastattn.decode_attention(q, k_cache, v_cache, _seqlens([3, 30]), block_table=table, backend="triton")
+
+
+@pytest.mark.parametrize("bad", ["length-beyond-capacity", "length-below-q_len", "page-out-of-range"])
+def test_bad_values_are_clamped_and_flagged(bad, monkeypatch):
+    """Without FASTATTN_DEBUG the kernels keep every access inside the caches on bad
+    cache_seqlens / block_table values: the append writes nothing for that sequence, the
+    output stays finite, the good sequence is right, and check_flagged_inputs() raises
+    (once: it clears the flags)."""
+    from fastattn.kernels import decode as kernels
+
+    _pin(monkeypatch, "NUM_SPLITS=2")
+    monkeypatch.delenv(decode_op.DEBUG_ENV, raising=False)
+    kernels.error_flags(DEVICE).zero_()
+    batch, heads, kv_heads, q_len, d, page_size = 2, 2, 1, 2, 16, 16
+    k_cache, v_cache, table = _caches(batch, kv_heads, 32, d, page_size, spare_pages=0)
+    lengths = {"length-beyond-capacity": [40, 20], "length-below-q_len": [1, 20],
+               "page-out-of-range": [30, 20]}[bad]
+    if bad == "page-out-of-range":
+        table[0, 1] = k_cache.shape[0] + 7
+    seqlens = _seqlens(lengths)
+    q, k_new, v_new = R(batch, heads, q_len, d), R(batch, kv_heads, q_len, d), R(batch, kv_heads, q_len, d)
+    before = (k_cache.clone(), v_cache.clone())
+    out = fastattn.decode_attention(q, k_cache, v_cache, seqlens, block_table=table, k_new=k_new, v_new=v_new,
+                                    backend="triton")
+    assert torch.isfinite(out).all()
+    good = slice(1, 2)  # sequence 1 is valid: its rows landed and its output is right
+    expected_k, expected_v = before[0].clone(), before[1].clone()
+    decode_op._torch_append(k_new[good], v_new[good], expected_k, expected_v, seqlens[good], table[good])
+    expected = reference.decode_attention(q[good].double(), expected_k.double(), expected_v.double(), seqlens[good],
+                                          block_table=table[good])
+    torch.testing.assert_close(out[good].double(), expected, atol=1e-5, rtol=1e-5)
+    pages_of_0 = table[0][(table[0] >= 0) & (table[0] < k_cache.shape[0])].long()
+    assert torch.equal(k_cache[pages_of_0], before[0][pages_of_0])  # nothing written for sequence 0
+    with pytest.raises(ValueError, match="page" if bad == "page-out-of-range" else "cache_seqlens"):
+        decode_op.check_flagged_inputs(DEVICE)
+    decode_op.check_flagged_inputs(DEVICE)  # cleared
+
+
+@pytest.mark.parametrize("page_size", [1, 2, 32, 3, 12])
+def test_page_sizes_powers_of_two_and_not(page_size, monkeypatch):
+    """Power-of-two page sizes take the shift-and-mask look-up, the others the division:
+    both give the float64 reference's result."""
+    _pin(monkeypatch, "NUM_SPLITS=2")
+    k_cache, v_cache, table = _caches(2, 1, 40, 16, page_size)
+    check_decode(R(2, 2, 2, 16), k_cache, v_cache, _seqlens([2, 37]), block_table=table)
+
+
+def test_cache_offsets_past_2_to_the_31():
+    """Page and sequence offsets past 2³¹ elements (a page stride of 2²⁶ + 16 times page
+    index 40, a sequence stride above 2³¹) stay exact: the row offsets are int64."""
+    d, page_size, page_stride = 16, 16, (1 << 26) + 16
+    pages = 41
+    k_cache = huge_strided((pages, 1, page_size, d), (page_stride, page_size * d, d, 1))
+    v_cache = huge_strided((pages, 1, page_size, d), (page_stride, page_size * d, d, 1))
+    table = torch.tensor([[40, 3, 39], [0, 38, 1]], dtype=torch.int32, device=DEVICE)
+    q = R(2, 2, 1, d).half()
+    check_decode(q, k_cache, v_cache, _seqlens([45, 20]), block_table=table, dtype=torch.float16)
+    del k_cache, v_cache
+    seq_stride = (1 << 31) + 64
+    k_cache = huge_strided((2, 1, 40, d), (seq_stride, 40 * d, d, 1))
+    v_cache = huge_strided((2, 1, 40, d), (seq_stride, 40 * d, d, 1))
+    check_decode(q, k_cache, v_cache, _seqlens([5, 40]), dtype=torch.float16)
+
+
+def test_default_configs_one_per_key(monkeypatch):
+    """Without FASTATTN_AUTOTUNE every launch gets the one default of its (GPU family,
+    operand dtype, head-dim bucket, rows) key, within its GPU's shared memory (sm_86's
+    99 KB too); the split count comes from the shapes and capacity alone;
+    FASTATTN_AUTOTUNE=1 hands the launch to the autotuner (8 configs at most); pinned keys
+    override the default."""
+    from fastattn.kernels import _config
+
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    monkeypatch.setattr(_config, "interpreted", lambda: False)
+    device = torch.device("cpu")  # a stand-in: FASTATTN_TRITON_ARCH names the GPU
+    assert len(_config.decode_attention_configs()) <= 8
+    for arch in (80, 86, 90):
+        monkeypatch.setenv(_config.TARGET_ARCH_ENV, str(arch))
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            for head_dim in (64, 80, 128, 256):
+                block_d = max(16, 1 << (head_dim - 1).bit_length())
+                for rows in (1, 8, 32, 128):
+                    block_m = _config.decode_attention_block_m(rows, dtype.itemsize, block_d)
+                    splits, config = _config.decode_attention_launch_config(device, dtype, block_m, block_d, block_d,
+                                                                            programs=8, keys=8192, sm_count=132)
+                    assert splits == _config.decode_attention_num_splits(8, 8192, 132)
+                    assert config == _config.decode_attention_default(arch, dtype, block_m, block_d, block_d)
+                    assert config["BLOCK_N"] >= 16 and config["num_stages"] >= 1
+                    staged = _config.decode_attention_shared_memory(block_m, config["BLOCK_N"], config["num_stages"],
+                                                                    block_d, block_d, dtype.itemsize)
+                    assert staged <= _config.shared_memory_per_block(arch)
+    monkeypatch.setenv(_config.AUTOTUNE_ENV, "1")
+    assert _config.decode_attention_launch_config(device, torch.bfloat16, 16, 128, 128, 8, 8192, 132)[1] is None
+    monkeypatch.setenv(CONFIG_ENV, "num_warps=8,NUM_SPLITS=3")
+    splits, config = _config.decode_attention_launch_config(device, torch.bfloat16, 16, 128, 128, 8, 8192, 132)
+    assert splits == 3 and config == dict(_config.decode_attention_default(90, torch.bfloat16, 16, 128, 128),
+                                          num_warps=8)

@@ -22,7 +22,7 @@ from fastattn import reference
 from fastattn.ops import ffn as ffn_op
 from ffn_cases import (
     ACTIVATIONS, EDGE_CONFIG, FFN, GPU, SHAPES, TRITON_DEVICE, as_leaves, check_against_reference,
-    check_compiled_matches_eager, check_no_tokens, check_recompute_matches_saved, edge_failures, run,
+    check_compiled_matches_eager, check_no_tokens, check_recompute_matches_saved, edge_failures, force_autotuning, run,
 )
 from helpers import ATOL, backends_of, forward_is_reference
 
@@ -186,8 +186,10 @@ def test_pinned_config_variable(monkeypatch):
 
     monkeypatch.setenv(_config.FFN_CONFIG_ENV, "BLOCK_M=16,BLOCK_N=64,BLOCK_K=16,GROUP_M=1")
     pinned = _config.ffn_pinned_config()
-    assert pinned["BLOCK_M"] == 16 and pinned["BLOCK_K"] == 16
-    assert pinned["num_warps"] == _config.FFN_DEFAULT["num_warps"]
+    assert pinned == {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 1}
+    base = (dict(_config.FFN_INTERPRETER_CONFIG) if _config.interpreted()
+            else _config.ffn_default("fwd", _config.arch_of(TRITON_DEVICE), torch.float32, 33))
+    assert _config.ffn_launch_config("fwd", TRITON_DEVICE, torch.float32, 33) == {**base, **pinned}
     check_against_reference(OP, make_inputs(33, 40, 96, 40, device=TRITON_DEVICE), torch.float32, "triton", "gelu")
     for bad in ("BLOCK_M=48", "BLOCK_M=8", "BLOCK_Q=16", "num_warps=0", "BLOCK_M"):
         monkeypatch.setenv(_config.FFN_CONFIG_ENV, bad)
@@ -196,20 +198,23 @@ def test_pinned_config_variable(monkeypatch):
 
 
 def test_autotune_space():
+    """FASTATTN_AUTOTUNE=1 tries at most 8 configs per kernel and GPU family, each within
+    the register and shared-memory rules, fewer for a few tokens."""
     from fastattn.kernels import _config
 
-    for accumulators in (1, 2):
-        configs = _config.ffn_configs(accumulators)
-        assert configs
-        for c in configs:
-            m, n, k = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-            assert _config.ffn_keep(m, n, k, c.num_warps, c.num_stages, accumulators)
-            assert accumulators * m * n // (32 * c.num_warps) <= _config.FFN_ACCUMULATOR_REGISTERS[1]
-    prune = _config.ffn_prune_for_inputs(1)
-    small = prune(_config.ffn_configs(1), {}, A=torch.empty(1, dtype=torch.float32), M=8, N=8000, K=64)
+    for family, arch in (("sm90", 90), ("sm80", 80)):
+        for kernel in _config.FFN_KERNELS:
+            accumulators = _config.ffn_accumulators(kernel)
+            configs = _config.ffn_configs(kernel, family)
+            assert 1 <= len(configs) <= 8
+            for c in configs:
+                m, n, k = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+                assert _config.ffn_keep(m, n, k, c.num_warps, c.num_stages, accumulators, 2, arch)
+    prune = _config.ffn_prune("fwd")
+    small = prune(_config.ffn_configs("fwd", "sm90"), {}, A=torch.empty(1, dtype=torch.float32), M=8, N=8000, K=64)
     assert small and all(c.kwargs["BLOCK_M"] == 64 for c in small)
-    assert all(c.num_stages * c.kwargs["BLOCK_K"] * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * 4
-               <= _config.FFN_SHARED_MEMORY for c in small)
+    assert all(_config.ffn_shared_memory(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages,
+                                         1, 4) <= _config.shared_memory_per_block(90) for c in small)
 
 
 def test_triton_limits():
@@ -270,7 +275,7 @@ _COMPILE_FOR_GPU = textwrap.dedent("""
     TARGETS = ((90, "bf16", "tf32"), (90, "fp32", "tf32"), (80, "fp16", "tf32"), (80, "fp32", "ieee"))
     for arch, dtype, precision in TARGETS:
         for fn in (K._ffn_fwd_kernel, K._gated_ffn_fwd_kernel, K._ffn_bwd_dact_kernel,
-                   K._gated_ffn_bwd_dgated_kernel, K._ffn_bwd_gemm_kernel):
+                   K._gated_ffn_bwd_dgated_kernel, K._ffn_bwd_dw_kernel, K._ffn_bwd_dx_kernel):
             signature, constants, attrs = {}, {}, {}
             for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
                 if param.is_constexpr:
@@ -304,7 +309,7 @@ def test_kernels_compile_for_sm90_and_sm80():
     done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_GPU], env=env, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("\n") == 20
+    assert done.stdout.count("\n") == 24
 
 
 # ----------------------------------------------------------------------------- GPU only
@@ -358,3 +363,62 @@ def test_tile_edges_every_residue(monkeypatch):
     failures = edge_failures(lambda shape: check_against_reference(
         OP, make_inputs(*shape, device=TRITON_DEVICE), torch.float32, "triton", "gelu"))
     assert not failures, "\n".join(failures)
+
+
+# ----------------------------------------------------------------------------- issue 14
+
+
+def test_autotuned_backward_with_recomputed_hidden(monkeypatch):
+    """With autotuning on, the backward that writes dH over the recomputed H (recompute)
+    is still right: the autotuner reruns the kernel on the same buffers while it times
+    the configs, so it must restore H between runs."""
+    if TRITON_DEVICE.type == "cuda":
+        pytest.skip("forces the autotuner under the interpreter; on a GPU FASTATTN_AUTOTUNE=1 does it")
+    benched = force_autotuning(monkeypatch)
+    check_against_reference(OP, make_inputs(33, 40, 96, 40), torch.float32, "triton", "gelu", recompute=True)
+    assert "_ffn_bwd_dact_kernel" in benched
+
+
+def test_weight_gradient_steps_past_2_to_the_31():
+    """x rows 2²⁶ + 64 elements apart: the weight-gradient GEMM (K = tokens) steps
+    through x BLOCK_K rows at a time, more than 2³¹ elements per step, and its first tile
+    spans nearly 2³¹; int64 offsets keep both exact. The storage is a few GB of address
+    space, barely touched."""
+    from helpers import huge_strided
+
+    tokens, d_model, row_stride = 33, 24, (1 << 26) + 64
+    x = huge_strided((tokens, d_model), (row_stride, 1))
+    _, w1, b1, w2, b2 = make_inputs(tokens, d_model, 40, 24, device=TRITON_DEVICE)
+    assert x.stride(0) * 32 >= 2**31
+    check_against_reference(OP, [x, w1, b1, w2, b2], torch.float16, "triton", "gelu")
+
+
+def test_default_configs_one_per_key(monkeypatch):
+    """Without FASTATTN_AUTOTUNE every launch gets the one default of its (GPU family,
+    kernel class, operand dtype, size) key, within its GPU's shared memory (sm_86's 99 KB
+    too, by fewer stages); FASTATTN_AUTOTUNE=1 hands the launch to the autotuner; pinned
+    keys override the default."""
+    from fastattn.kernels import _config
+
+    monkeypatch.delenv(_config.FFN_CONFIG_ENV, raising=False)
+    monkeypatch.setattr(_config, "interpreted", lambda: False)
+    device = torch.device("cpu")  # a stand-in: FASTATTN_TRITON_ARCH names the GPU
+    for arch in (80, 86, 90):
+        monkeypatch.setenv(_config.TARGET_ARCH_ENV, str(arch))
+        for kernel in _config.FFN_KERNELS:
+            for dtype in (torch.bfloat16, torch.float16, torch.float32):
+                for tokens in (1, 64, 65, 4096):
+                    config = _config.ffn_launch_config(kernel, device, dtype, tokens)
+                    assert config == _config.ffn_default(kernel, arch, dtype, tokens)
+                    assert set(config) == {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"}
+                    staged = _config.ffn_shared_memory(config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"],
+                                                       config["num_stages"], _config.ffn_accumulators(kernel),
+                                                       dtype.itemsize)
+                    assert staged <= _config.shared_memory_per_block(arch)
+                    assert config["num_stages"] >= _config.FFN_MIN_STAGES
+    assert _config.ffn_default("out", 90, torch.bfloat16, 4096)["BLOCK_N"] == 256  # Triton's Hopper matmul tile
+    monkeypatch.setenv(_config.AUTOTUNE_ENV, "1")
+    assert _config.ffn_launch_config("fwd", device, torch.bfloat16, 4096) is None
+    monkeypatch.setenv(_config.FFN_CONFIG_ENV, "num_warps=4")
+    assert _config.ffn_launch_config("fwd", device, torch.bfloat16, 4096) == dict(
+        _config.ffn_default("fwd", 90, torch.bfloat16, 4096), num_warps=4)

@@ -17,7 +17,7 @@ from fastattn import reference
 from fastattn.ops import gated_ffn as gated_op
 from ffn_cases import (
     ACTIVATIONS, EDGE_CONFIG, GATED_FFN, GPU, SHAPES, TRITON_DEVICE, as_leaves, check_against_reference,
-    check_compiled_matches_eager, check_no_tokens, check_recompute_matches_saved, edge_failures,
+    check_compiled_matches_eager, check_no_tokens, check_recompute_matches_saved, edge_failures, force_autotuning,
 )
 from helpers import ATOL, assert_within_naive_error, backends_of, forward_is_reference
 
@@ -228,3 +228,17 @@ def test_tile_edges_every_residue_forward(monkeypatch):
 
     failures = edge_failures(check)
     assert not failures, "\n".join(failures)
+
+
+# ----------------------------------------------------------------------------- issue 14
+
+
+def test_autotuned_backward_with_recomputed_pre_activations(monkeypatch):
+    """With autotuning on, the backward that writes dG, dU over the recomputed G, U
+    (recompute) is still right: the autotuner reruns the kernel on the same buffers while
+    it times the configs, so it must restore G and U between runs."""
+    if TRITON_DEVICE.type == "cuda":
+        pytest.skip("forces the autotuner under the interpreter; on a GPU FASTATTN_AUTOTUNE=1 does it")
+    benched = force_autotuning(monkeypatch)
+    check_against_reference(OP, make_inputs(33, 40, 96, 40), torch.float32, "triton", "silu", recompute=True)
+    assert "_gated_ffn_bwd_dgated_kernel" in benched

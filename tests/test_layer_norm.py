@@ -203,3 +203,91 @@ def test_triton_kernels_compile_for_sm90_and_sm80():
                           timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("\n") == 16
+
+
+# ----------------------------------------------------------------------------- issue 14
+
+
+@pytest.mark.parametrize("norm", ["layer_norm", "rms_norm"])
+def test_triton_column_offsets_past_2_to_the_31(norm):
+    """A transposed x whose column stride times the column index passes 2³¹ elements
+    (600 columns 2²² + 1 apart): forward and backward read the right elements (int64
+    column offsets). The storage is a few GB of address space, barely touched."""
+    from norm_cases import RMS_NORM
+    from helpers import huge_strided
+
+    op = OP if norm == "layer_norm" else RMS_NORM
+    rows, hidden, column_stride = 3, 600, (1 << 22) + 1
+    x = huge_strided((rows, hidden), (1, column_stride))
+    assert (hidden - 1) * column_stride >= 2**31
+    weight = (1 + 0.5 * torch.randn(hidden)).half()
+    bias = torch.randn(hidden).half() if op.has_bias else None
+    leaves = [t if t is None else t.detach().requires_grad_() for t in (x, weight, bias)]
+    args = leaves if op.has_bias else leaves[:2]
+    y = op.public(*args, backend="triton")
+    cotangent = torch.randn(rows, hidden).half()
+    grads = torch.autograd.grad(y, [t for t in args if t is not None], cotangent)
+    ref_leaves = [t if t is None else t.detach().double().requires_grad_() for t in args]
+    y_ref = op.ref(*ref_leaves)
+    ref_grads = torch.autograd.grad(y_ref, [t for t in ref_leaves if t is not None], cotangent.double())
+    torch.testing.assert_close(y.double(), y_ref, atol=2e-2, rtol=2e-2)
+    for ours, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(ours.double(), ref, atol=5e-2, rtol=2e-2)
+
+
+def test_backward_grid_is_a_few_programs_per_sm():
+    """The backward's persistent grid: up to LAYER_NORM_BWD_PROGRAMS_PER_SM programs per SM
+    while each keeps LAYER_NORM_BWD_MIN_ROWS_PER_PROGRAM rows, never below one per SM or
+    above the rows; a fixed count under the interpreter."""
+    _config = pytest.importorskip("fastattn.kernels._config")
+    per_sm, min_rows = _config.LAYER_NORM_BWD_PROGRAMS_PER_SM, _config.LAYER_NORM_BWD_MIN_ROWS_PER_PROGRAM
+    assert 2 <= per_sm <= 4
+    assert _config.layer_norm_backward_programs(32768, 132) == 132 * per_sm
+    assert _config.layer_norm_backward_programs(132 * 2 * min_rows, 132) == 132 * 2
+    assert _config.layer_norm_backward_programs(4096, 132) == 132
+    assert _config.layer_norm_backward_programs(100, 132) == 100
+    assert _config.layer_norm_backward_programs(100, None) == _config.LAYER_NORM_INTERPRETER_BWD_PROGRAMS
+
+
+def test_split_ds_hands_ds_to_both_inputs_without_a_copy():
+    """ds is both dx and dresidual: when both are s's dtype they are ds itself (as
+    PyTorch's own add hands one gradient to both inputs), converted only when a dtype
+    differs."""
+    from types import SimpleNamespace
+
+    from fastattn.ops.layer_norm import split_ds
+
+    ds = torch.randn(4, 8)
+    ctx = SimpleNamespace(x_dtype=torch.float32, residual_dtype=torch.float32, residual_index=3,
+                          needs_input_grad=(True, False, False, True))
+    dx, dresidual = split_ds(ctx, ds)
+    assert dx is ds and dresidual is ds
+    ctx.x_dtype = torch.float16
+    dx, dresidual = split_ds(ctx, ds)
+    assert dx.dtype == torch.float16 and dresidual is ds
+
+
+def test_default_configs_one_per_key(monkeypatch):
+    """Without FASTATTN_AUTOTUNE every launch gets one config from the rule (for any GPU
+    family), within the tuned ranges and the register budget; FASTATTN_AUTOTUNE=1 hands
+    the launch to the autotuner, whose pruned space has at most 8 configs per key; a
+    pinned key overrides the default."""
+    _config = pytest.importorskip("fastattn.kernels._config")
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    monkeypatch.setattr(_config, "interpreted", lambda: False)
+    space = _config.layer_norm_configs()
+    for backward in (False, True):
+        prune = _config.layer_norm_prune(backward)
+        for hidden in (1, 7, 64, 1000, 1024, 4096, 5000, 8192, 8193, 16384, 16385, 65536):
+            block_n, config = _config.layer_norm_launch_config(hidden, backward)
+            single_pass = block_n >= hidden
+            assert config == _config.layer_norm_rule(block_n, single_pass, backward)
+            assert config["ROWS"] * block_n <= max(_config.LAYER_NORM_MAX_TILE[backward], block_n)
+            per_thread = config["ROWS"] * block_n // (32 * config["num_warps"])
+            assert per_thread <= _config.LAYER_NORM_ELEMENTS_PER_THREAD[backward][1]
+            assert 1 <= len(prune(space, {}, BLOCK_N=block_n, SINGLE_PASS=single_pass)) <= 8
+    monkeypatch.setenv(_config.AUTOTUNE_ENV, "1")
+    assert _config.layer_norm_launch_config(4096, False)[1] is None
+    monkeypatch.setenv(CONFIG_ENV, "num_warps=2")
+    assert _config.layer_norm_launch_config(4096, False)[1] == dict(_config.layer_norm_rule(4096, True, False),
+                                                                    num_warps=2)

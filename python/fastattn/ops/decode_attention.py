@@ -10,10 +10,17 @@ Registered op (forward only; decoding never needs a gradient):
 
 The q_len queries are the last q_len of the cache_seqlens[b] valid positions, causal
 among themselves; window_left bounds how far back each query sees.
+
+No call reads the device from the host (a decoding step stays asynchronous and can be
+captured in a CUDA graph): shapes, dtypes and devices are checked on every call, but the
+values of cache_seqlens and block_table only with FASTATTN_DEBUG=1. Otherwise the Triton
+kernels clamp a bad value so that nothing outside the caches is read or written, and
+flag it on the device; check_flagged_inputs() raises for what they flagged.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -27,6 +34,15 @@ from . import attention as dense
 from ._common import BackendTable
 
 MAX_QUERY_LEN = 16
+DEBUG_ENV = "FASTATTN_DEBUG"
+
+
+def debug_checks() -> bool:
+    """Whether FASTATTN_DEBUG=1 asks for the checks that read tensor values on the host."""
+    value = os.environ.get(DEBUG_ENV, "0").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{DEBUG_ENV} must be 0 or 1; got {value!r}")
+    return value == "1"
 
 
 @dataclass(frozen=True)
@@ -201,6 +217,45 @@ def _check_new_kv(k_new, v_new, k_cache, v_cache, batch, q_len, device) -> None:
                 "(batch, kv_heads, q_len, head_dim_v)")
 
 
+def _check_cache_values(seqlens: Tensor, block_table: Optional[Tensor], num_pages: int, page_size: int, q_len: int,
+                        capacity: int) -> None:
+    """cache_seqlens in [q_len, capacity] and the block_table entries in use in
+    [0, num_pages) (FASTATTN_DEBUG=1: this reads them on the host)."""
+    lengths = seqlens.tolist()
+    if min(lengths) < q_len or max(lengths) > capacity:
+        where = "block_table pages × page_size" if block_table is not None else "the cache's max_len"
+        raise ValueError(
+            f"cache_seqlens must lie in [q_len, capacity] = [{q_len}, {capacity}] ({where}); "
+            f"got min {min(lengths)}, max {max(lengths)}"
+        )
+    if block_table is not None:
+        pages_needed = (seqlens.long() + page_size - 1) // page_size  # (b,)
+        columns = torch.arange(block_table.shape[1], device=block_table.device)
+        used = block_table[columns[None, :] < pages_needed[:, None]].tolist()  # the pages in use
+        if used and (min(used) < 0 or max(used) >= num_pages):
+            raise ValueError(f"block_table entries must index pages 0..{num_pages - 1} of k_cache")
+
+
+def check_flagged_inputs(device=None) -> None:
+    """Raise the ValueError for the bad cache_seqlens / block_table values that the Triton
+    decode kernels on `device` (default: the current CUDA device) met since the last
+    check, and clear the flags. It reads the device (a synchronisation): call it outside
+    the decoding loop or CUDA graph, or run with FASTATTN_DEBUG=1 to check every call."""
+    from fastattn.kernels import decode as kernels
+
+    flags = kernels.error_flags("cuda" if device is None else device)
+    found = int(flags.item())
+    flags.zero_()
+    problems = []
+    if found & kernels.BAD_LENGTH.value:
+        problems.append("cache_seqlens outside [q_len, capacity] (clamped)")
+    if found & kernels.BAD_PAGE.value:
+        problems.append("block_table entries outside 0..num_pages - 1 of k_cache (clamped)")
+    if problems:
+        raise ValueError(f"decode_attention met bad input since the last check: {'; '.join(problems)}; "
+                         f"the outputs of those calls are not meaningful")
+
+
 def decode_attention(
     q: Tensor,
     k_cache: Tensor,
@@ -222,8 +277,9 @@ def decode_attention(
     q: (batch, heads, q_len, head_dim), q_len 1..16. Contiguous cache: k_cache, v_cache
     (batch, kv_heads, max_len, head_dim). Paged cache: (num_pages, kv_heads, page_size,
     head_dim) with block_table (batch, max_pages) int32. cache_seqlens (batch,) int32
-    counts the valid cache entries including the current q_len tokens. window_size:
-    only the left side applies (the queries are the newest positions). Returns out
+    counts the valid cache entries including the current q_len tokens (its values, and
+    block_table's, are checked only with FASTATTN_DEBUG=1; see check_flagged_inputs).
+    window_size: only the left side applies (the queries are the newest positions). Returns out
     (batch, heads, q_len, head_dim) and, with return_lse, lse (batch, heads, q_len).
     k_new, v_new: optional (batch, kv_heads, q_len, head_dim) keys and values of the q_len
     new tokens, written IN PLACE into k_cache / v_cache at positions cache_seqlens[b] -
@@ -269,22 +325,8 @@ def decode_attention(
     check.boolean("return_lse", return_lse)
     scale = dense.check_scale(scale, head_dim)
     slopes = dense.check_alibi_slopes(alibi_slopes, batch, heads, device)
-    if not check.tracing() and batch > 0:
-        lengths = seqlens.tolist()
-        if min(lengths) < q_len or max(lengths) > capacity:
-            where = "block_table pages × page_size" if block_table is not None else "the cache's max_len"
-            raise ValueError(
-                f"cache_seqlens must lie in [q_len, capacity] = [{q_len}, {capacity}] ({where}); "
-                f"got min {min(lengths)}, max {max(lengths)}"
-            )
-        if block_table is not None:
-            pages_needed = (seqlens.long() + k_cache.shape[2] - 1) // k_cache.shape[2]  # (b,)
-            columns = torch.arange(block_table.shape[1], device=device)
-            used = block_table[columns[None, :] < pages_needed[:, None]]  # the pages in use
-            if used.numel() and (int(used.min()) < 0 or int(used.max()) >= k_cache.shape[0]):
-                raise ValueError(
-                    f"block_table entries must index pages 0..{k_cache.shape[0] - 1} of k_cache"
-                )
+    if debug_checks() and not check.tracing() and batch > 0:
+        _check_cache_values(seqlens, block_table, k_cache.shape[0], k_cache.shape[2], q_len, capacity)
     _check_new_kv(k_new, v_new, k_cache, v_cache, batch, q_len, device)
     call = DecodeCall(q.dtype, head_dim, v_cache.shape[-1], block_table is not None, k_cache.shape[2], softcap,
                       return_lse)

@@ -209,13 +209,15 @@ def _layer_norm_bwd_fake(dy, dresidual_out, summed, weight, bias, mean, rstd, ep
 
 
 def split_ds(ctx, ds: Tensor):
-    """ds is the gradient of s = x + residual: it is dx and dresidual, in their dtypes."""
+    """ds is the gradient of s = x + residual: it is dx and dresidual, in their dtypes.
+    When both dtypes are s's, both are ds itself, not a copy: what PyTorch's own add
+    gives, whose backward hands one gradient tensor to both inputs (and, through views
+    such as our reshape of x and residual, may leave two leaves' .grad sharing memory
+    exactly as x.reshape(...) + r.reshape(...) does natively)."""
     dx = ds.to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
     dresidual = None
     if ctx.residual_dtype is not None and ctx.needs_input_grad[ctx.residual_index]:
         dresidual = ds.to(ctx.residual_dtype)
-        if dresidual is dx:
-            dresidual = dx.clone()
     return dx, dresidual
 
 
