@@ -40,10 +40,13 @@ step() {
   [ -n "$step_name" ] && echo "== gpu stack: $step_name =="
   return 0
 }
+created_venv_dir=""
 report() {
   step ""
   echo "== gpu stack: time per step =="
   printf '%s\n' "${timings[@]}"
+  rm -f "$times_file" "$times_file.cpu"
+  [ -z "$created_venv_dir" ] || rm -rf "$created_venv_dir"  # a few GB of CUDA wheels
 }
 trap report EXIT
 
@@ -64,7 +67,12 @@ fi
 echo "Python 3.12: $python312"
 
 step "create the venv and install torch==$TORCH_VERSION (CUDA build), triton, numpy, transformers"
-venv=${GPU_STACK_VENV:-$(mktemp -d)/venv}
+if [ -n "${GPU_STACK_VENV:-}" ]; then
+  venv=$GPU_STACK_VENV
+else
+  created_venv_dir=$(mktemp -d)
+  venv=$created_venv_dir/venv
+fi
 [ -x "$venv/bin/python" ] || "$python312" -m venv "$venv"
 python="$venv/bin/python"
 PIP="$python -m pip install --disable-pip-version-check -q"
