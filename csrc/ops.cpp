@@ -28,16 +28,34 @@
 #include "ffn/ffn_traits.cuh"
 #include "layer_norm/layer_norm.cuh"
 
+// What the build was made for, defined on the compiler's command line by setup.py.
+#define FASTATTN_STRINGIZE_ARGS(...) #__VA_ARGS__
+#define FASTATTN_STRINGIZE(...) FASTATTN_STRINGIZE_ARGS(__VA_ARGS__)
+
 namespace fastattn {
 
-// What this build contains: the CUDA version it was compiled with and its archs.
+// "fastattn._C cuda=13.0 torch=2.11.0 torch_cuda=13.0 archs=sm_80,sm_90a": the CUDA
+// toolkit it was compiled with, the torch (and that torch's CUDA) it was built against,
+// and the GPU code it holds; "unknown" for what a build outside setup.py did not say.
 std::string build_info() {
   std::string info = "fastattn._C";
-#ifdef CUDA_VERSION
-  info += " cuda=" + std::to_string(CUDA_VERSION);
+#ifdef FASTATTN_BUILT_CUDA_MAJOR
+  info += " cuda=" + std::to_string(FASTATTN_BUILT_CUDA_MAJOR) + "." + std::to_string(FASTATTN_BUILT_CUDA_MINOR);
+#else
+  info += " cuda=unknown";
 #endif
-#ifdef TORCH_VERSION_MAJOR
-  info += " torch=" + std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR);
+#ifdef FASTATTN_BUILT_TORCH_MAJOR
+  info += " torch=" + std::to_string(FASTATTN_BUILT_TORCH_MAJOR) + "." + std::to_string(FASTATTN_BUILT_TORCH_MINOR) +
+          "." + std::to_string(FASTATTN_BUILT_TORCH_PATCH);
+  info += " torch_cuda=" + std::to_string(FASTATTN_BUILT_TORCH_CUDA_MAJOR) + "." +
+          std::to_string(FASTATTN_BUILT_TORCH_CUDA_MINOR);
+#else
+  info += " torch=unknown";
+#endif
+#ifdef FASTATTN_BUILT_GPU_TARGETS
+  info += " archs=" FASTATTN_STRINGIZE(FASTATTN_BUILT_GPU_TARGETS);
+#else
+  info += " archs=unknown";
 #endif
   return info;
 }
@@ -877,6 +895,13 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const a
   p.lse_batch_stride = lse.stride(0), p.lse_head_stride = lse.stride(1);
   const char* err = attn::forward(p, cuda_stream_of(q));
   TORCH_CHECK(err == nullptr, op, ": ", err);
+  const auto outcome = static_cast<attn::FwdOutcome>(attn::last_forward_outcome());
+  if (outcome == attn::FwdOutcome::kSm80TmaQ || outcome == attn::FwdOutcome::kSm80TmaK ||
+      outcome == attn::FwdOutcome::kSm80TmaV || outcome == attn::FwdOutcome::kSm80TmaRefused) {
+    TORCH_WARN_ONCE(op, ": the Hopper forward cannot take these tensors, the sm80 forward ran instead (",
+                    attn::describe(outcome), "). Strides that are positive multiples of 8 elements, such as a ",
+                    ".contiguous() copy's, let it run. Said once per process.");
+  }
   return {out, lse};
 }
 
@@ -962,6 +987,25 @@ std::vector<int64_t> attention_head_dims() {
   return std::vector<int64_t>(head_dims, head_dims + n);
 }
 
+// Which forward this thread's last fastattn_cuda::attention_fwd ran: "sm90", "sm80: <why>"
+// (dispatch.h), or "none" before the first.
+std::string attention_last_forward() {
+  const int outcome = attn::last_forward_outcome();
+  return outcome < 0 ? "none" : attn::describe(static_cast<attn::FwdOutcome>(outcome));
+}
+
+// (outcomes, counts): every forward outcome as attention_last_forward names it, and how
+// many forwards of this process had it.
+std::tuple<std::vector<std::string>, std::vector<int64_t>> attention_forward_counts() {
+  std::vector<int64_t> counts(attn::kForwardOutcomes);
+  attn::forward_outcome_counts(counts.data());
+  std::vector<std::string> outcomes;
+  for (int i = 0; i < attn::kForwardOutcomes; ++i) {
+    outcomes.emplace_back(attn::describe(static_cast<attn::FwdOutcome>(i)));
+  }
+  return {outcomes, counts};
+}
+
 }  // namespace
 }  // namespace fastattn
 
@@ -974,6 +1018,8 @@ TORCH_LIBRARY(fastattn_cuda, m) {
       "attention_bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, "
       "int window_left, int window_right, bool top_left) -> (Tensor, Tensor, Tensor)");
   m.def("attention_head_dims() -> int[]", &fastattn::attention_head_dims);
+  m.def("attention_last_forward() -> str", &fastattn::attention_last_forward);
+  m.def("attention_forward_counts() -> (str[], int[])", &fastattn::attention_forward_counts);
   m.def(
       "layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, float eps, bool is_rms_norm) "
       "-> (Tensor, Tensor, Tensor, Tensor)");

@@ -1,5 +1,6 @@
 """Backend names, availability, the default, the context manager and resolution."""
 
+import importlib.util
 import threading
 
 import pytest
@@ -103,3 +104,46 @@ def test_cuda_extension_absence_is_reported_not_raised():
     if torch.cuda.is_available():
         pytest.skip("this machine may have the extension")
     assert "no CUDA device" in reason
+
+
+# ----------------------------------------------------------------------------- inside traced code
+# Every op resolves its backend inside code that torch.compile traces; torch 2.11 and 2.12
+# cannot trace importlib (2.13 folds find_spec to a constant), so availability must be
+# decided outside the trace.
+
+
+def test_triton_availability_is_decided_at_import_not_in_traced_code(monkeypatch):
+    def no_lookups(*args, **kwargs):
+        raise AssertionError("importlib.util.find_spec was called after import")
+
+    monkeypatch.setattr(importlib.util, "find_spec", no_lookups)
+    torch._dynamo.reset()
+
+    def f(x):
+        why = backends.backend_unavailable_reason("triton", x.device)
+        return x + (0.0 if why is None else 1.0)
+
+    x = torch.zeros(3)
+    assert torch.equal(torch.compile(f, fullgraph=True, backend="eager")(x), f(x))
+
+
+def test_the_cuda_extension_can_first_load_inside_traced_code(monkeypatch):
+    """The first cuda-backend call may be a compiled one: loading fastattn._C there must
+    neither break the graph nor fail (importlib cannot be traced)."""
+    from fastattn import _extension
+
+    monkeypatch.setattr(_extension, "_tried", False)
+    monkeypatch.setattr(_extension, "_module", None)
+    monkeypatch.setattr(_extension, "_error", None)
+    monkeypatch.setattr(_extension, "_cuda_device_present", lambda: True)
+    torch._dynamo.reset()
+
+    def f(x):
+        return x + (0.0 if backends.backend_unavailable_reason("cuda") is None else 1.0)
+
+    x = torch.zeros(3)
+    out = torch.compile(f, fullgraph=True, backend="eager")(x)
+    assert _extension._tried
+    reason = _extension.unavailable_reason()
+    assert reason is None or "fastattn._C" in reason
+    assert torch.equal(out, x + (0.0 if reason is None else 1.0))

@@ -200,6 +200,74 @@ def test_generated_instantiations_are_up_to_date():
     assert result.returncode == 0, f"run `python {script.relative_to(ROOT)}`:\n{result.stdout}"
 
 
+# Tile edges: a key tile whose last column lies exactly one past what the tile's first
+# query row sees (sk - sq + window_right ≡ BLOCK_N - 2 mod BLOCK_N, full query tiles) must
+# still be masked element by element (tile_needs_mask). At BLOCK_N = 64 (sm80 forward, dQ)
+# and 128 (Hopper forward, dK/dV); each case runs the backward too.
+TILE_EDGE_CASES = {
+    "fp16-d64-causal-sk-sq=62": (1, 1, 1, 128, 190, 64, torch.float16, dict(causal=True)),
+    "bf16-d64-window-right-3-sk-sq=59": (1, 2, 1, 128, 187, 64, torch.bfloat16, dict(window=(-1, 3))),
+    "sm90-fp16-d128-causal-sk-sq=126": (1, 1, 1, 128, 254, 128, torch.float16, dict(causal=True, forward="sm90")),
+    "sm90-fp16-d64-window-right-3-sk-sq=123": (
+        1, 1, 1, 128, 251, 64, torch.float16, dict(window=(-1, 3), forward="sm90")),
+}
+
+
+@pytest.mark.parametrize("case", list(TILE_EDGE_CASES))
+def test_kernels_on_the_emulator_at_tile_edges(emulator, tmp_path, case):
+    batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, dtype, options = TILE_EDGE_CASES[case]
+    run_emulated(emulator, tmp_path, batch=batch, heads=heads, kv_heads=kv_heads, seqlen_q=seqlen_q,
+                 seqlen_k=seqlen_k, head_dim=head_dim, dtype=dtype, **options)
+
+
+@pytest.fixture(scope="module")
+def dispatch_check(tmp_path_factory):
+    """tests/cuda_emulation/dispatch_check.cpp built with g++ (csrc/attention/dispatch.h is
+    plain C++)."""
+    compiler = shutil.which("g++")
+    if compiler is None:
+        pytest.skip("needs g++")
+    binary = tmp_path_factory.mktemp("dispatch_check") / "dispatch_check"
+    source = ROOT / "tests" / "cuda_emulation" / "dispatch_check.cpp"
+    build = subprocess.run([compiler, "-std=c++20", "-Wall", f"-I{CSRC}", str(source), "-o", str(binary)],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-4000:]
+
+    def run(*commands):
+        result = subprocess.run([str(binary)], input="\n".join(commands) + "\n", capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.splitlines()
+
+    return run
+
+
+def test_forward_dispatch_picks_the_hopper_kernel_only_where_it_can_run(dispatch_check):
+    answers = dispatch_check("choose 90 0 1", "choose 90 1 1", "choose 90 0 0", "choose 86 0 1", "choose 100 0 1",
+                             "choose 80 1 0")
+    assert answers[0] == "sm90"
+    assert answers[1] == "sm80: pinned by FASTATTN_ATTENTION_CUDA_KERNEL=sm80"
+    assert answers[2].startswith("sm80: fastattn._C has no sm_90a code") and "TORCH_CUDA_ARCH_LIST" in answers[2]
+    assert answers[3:] == ["sm80: the device is not compute capability 9.0"] * 3
+
+
+@pytest.mark.parametrize("layout,describable", [
+    ((2, 4, 100, 64, 4 * 100 * 64, 100 * 64, 64), True),        # contiguous
+    ((2, 4, 100, 64, 100 * 4 * 64, 64, 4 * 64), True),          # (b, s, h, d) transposed
+    ((2, 4, 100, 64, 100 * 4 * 72, 72, 4 * 72), True),          # padded rows: 144-byte strides
+    ((2, 4, 100, 64, 100 * 4 * 68, 68, 4 * 68), False),         # 136 bytes: not a multiple of 16
+    ((2, 4, 100, 64, 0, 100 * 64, 64), False),                  # expanded over batch
+    ((2, 4, 100, 64, 100 * 64, 0, 64), False),                  # expanded over heads
+    ((2, 4, 100, 64, 4 * 100 * 64, 100 * 64, 0), False),        # expanded over rows
+    ((2, 1, 100, 64, 100 * 64, 0, 64), True),                   # stride 0 over one head: never stepped
+    ((1, 4, 1, 64, 3, 64, 0), True),                            # one batch, one row: only heads' stride matters
+    ((1, 4, 1, 64, 3, 0, 0), False),                            # ... expanded over heads
+], ids=["contiguous", "bshd", "padded-144B", "padded-136B", "expand-batch", "expand-heads", "expand-rows",
+        "one-head", "one-row", "one-row-expand-heads"])
+def test_tma_describes_what_the_hopper_forward_can_load(dispatch_check, layout, describable):
+    assert dispatch_check("tma " + " ".join(map(str, layout))) == [str(int(describable))]
+
+
 def test_cuda_backend_refuses_what_the_kernels_lack(monkeypatch):
     monkeypatch.setattr(attention_op, "cuda_head_dims", lambda: (64, 128))
 
@@ -237,15 +305,36 @@ def cuda_backend():
         pytest.fail(f"the cuda backend is unavailable on this GPU machine: {reason}")
 
 
+SM80_PINNED = "sm80: pinned by FASTATTN_ATTENTION_CUDA_KERNEL=sm80"
+SM80_NOT_SM90 = "sm80: the device is not compute capability 9.0"
+
+
+def forward_counts():
+    """{outcome: forwards of this process} (fastattn_cuda::attention_forward_counts)."""
+    outcomes, counts = torch.ops.fastattn_cuda.attention_forward_counts()
+    return dict(zip(outcomes, counts))
+
+
 @pytest.fixture(params=["default", "sm80"], ids=["fwd-default", "fwd-sm80"])
 def forward_kernel(request, cuda_backend, monkeypatch):
     """The device's own forward (the Hopper kernel on sm90), then the sm80 forward pinned
-    by FASTATTN_ATTENTION_CUDA_KERNEL (the same kernel twice elsewhere: skipped)."""
+    by FASTATTN_ATTENTION_CUDA_KERNEL (the same kernel twice elsewhere: skipped). Yields the
+    outcome every forward of the test must have ("sm90" for the Hopper kernel): the test
+    fails if any ran another kernel (a silent fallback) or, run in this process, none ran."""
+    on_hopper = torch.cuda.get_device_capability() == (9, 0)
     if request.param == "sm80":
-        if torch.cuda.get_device_capability() != (9, 0):
+        if not on_hopper:
             pytest.skip("the sm80 forward is the default on this device")
         monkeypatch.setenv("FASTATTN_ATTENTION_CUDA_KERNEL", "sm80")
-    return request.param
+        expected = SM80_PINNED
+    else:
+        expected = "sm90" if on_hopper else SM80_NOT_SM90
+    before = forward_counts()
+    yield expected
+    ran = {outcome: n - before[outcome] for outcome, n in forward_counts().items() if n != before[outcome]}
+    assert set(ran) <= {expected}, f"meant to run {expected!r} only, ran {ran}"
+    if not getattr(request.function, "forwards_in_subprocess", False):
+        assert ran, f"meant to run {expected!r}, no forward ran"
 
 
 @gpu
@@ -369,9 +458,70 @@ def test_gpu_refusals(cuda_backend):
     assert fastattn.attention(q, k, v, softcap=2.0).shape == q.shape  # auto falls back
 
 
+TMA_FALLBACK_SCRIPT = textwrap.dedent("""
+    import warnings
+    import torch
+    import fastattn._C  # noqa: F401  (the fastattn_cuda ops)
+    torch.manual_seed(0)
+    q = torch.randn(1, 4, 130, 64, device="cuda", dtype=torch.float16)
+    k = torch.randn(1, 1, 150, 64, device="cuda", dtype=torch.float16).expand(1, 2, 150, 64)  # stride 0 over heads
+    v = torch.randn(1, 2, 150, 64, device="cuda", dtype=torch.float16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            torch.ops.fastattn_cuda.attention_fwd(q, k, v, 0.125, -1, -1, False)
+        torch.cuda.synchronize()
+    print(torch.ops.fastattn_cuda.attention_last_forward())
+    print(sum("Hopper forward cannot take these tensors" in str(w.message) for w in caught))
+""")
+
+
+@gpu
+def test_gpu_hopper_forward_falls_back_where_tma_cannot_load_and_says_so_once(cuda_backend, tmp_path):
+    """k expanded over heads (stride 0): TMA cannot describe it, the sm80 forward runs,
+    attention_last_forward says why, one warning per process says so (a fresh process:
+    TORCH_WARN_ONCE), and the output is the Hopper forward's on the same values."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Hopper forward runs on sm90 only")
+    script = tmp_path / "fallback.py"
+    script.write_text(TMA_FALLBACK_SCRIPT)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    last, warnings_seen = result.stdout.splitlines()[-2:]
+    assert last.startswith("sm80: TMA cannot describe k"), last
+    assert warnings_seen == "1", result.stdout
+
+    q, k, v = (t.half() for t in _inputs(1, 4, 1, 130, 150, 64, device="cuda"))
+    k_expanded, v_expanded = k.expand(1, 2, 150, 64), v.expand(1, 2, 150, 64)
+    fallback = torch.ops.fastattn_cuda.attention_fwd(q, k_expanded, v_expanded, 0.125, -1, -1, False)
+    assert torch.ops.fastattn_cuda.attention_last_forward().startswith("sm80: TMA cannot describe k")
+    hopper = torch.ops.fastattn_cuda.attention_fwd(q, k_expanded.contiguous(), v_expanded.contiguous(), 0.125, -1,
+                                                   -1, False)
+    assert torch.ops.fastattn_cuda.attention_last_forward() == "sm90"
+    ref_out, ref_lse = reference.attention(q.double(), k_expanded.double(), v_expanded.double(), scale=0.125,
+                                           return_lse=True)
+    naive_out, naive_lse = reference.attention(q, k_expanded, v_expanded, scale=0.125, return_lse=True)
+    for out, lse in (fallback, hopper):
+        assert_within_naive_error(out, naive_out, ref_out, what="out")
+        assert_within_naive_error(lse, naive_lse.float(), ref_lse, atol=1e-5, what="lse")
+
+
+@gpu
+def test_gpu_last_forward_names_the_kernel_of_this_thread(cuda_backend, monkeypatch):
+    q, k, v = (t.half() for t in _inputs(1, 2, 2, 70, 70, 64, device="cuda"))
+    torch.ops.fastattn_cuda.attention_fwd(q, k, v, 0.125, -1, -1, False)
+    expected = "sm90" if torch.cuda.get_device_capability() == (9, 0) else SM80_NOT_SM90
+    assert torch.ops.fastattn_cuda.attention_last_forward() == expected
+    if torch.cuda.get_device_capability() == (9, 0):
+        monkeypatch.setenv("FASTATTN_ATTENTION_CUDA_KERNEL", "sm80")
+        torch.ops.fastattn_cuda.attention_fwd(q, k, v, 0.125, -1, -1, False)
+        assert torch.ops.fastattn_cuda.attention_last_forward() == SM80_PINNED
+
+
 # ----------------------------------------------------------------------------- GPU tools
 
 SANITIZER_SCRIPT = textwrap.dedent("""
+    import sys
     import torch, fastattn
     torch.manual_seed(0)
     for dtype, head_dim, causal, (sq, sk) in [(torch.float16, 64, True, (77, 150)),
@@ -382,6 +532,9 @@ SANITIZER_SCRIPT = textwrap.dedent("""
         out, lse = fastattn.attention(q, k, v, causal=causal, return_lse=True, backend="cuda")
         (out.float().sum() + lse[lse.isfinite()].sum()).backward()
     torch.cuda.synchronize()
+    outcomes, counts = torch.ops.fastattn_cuda.attention_forward_counts()
+    ran = {o: n for o, n in zip(outcomes, counts) if n}
+    assert set(ran) == {sys.argv[1]}, f"meant to run {sys.argv[1]!r}, ran {ran}"
     print("ran")
 """)
 
@@ -397,10 +550,14 @@ def test_gpu_compute_sanitizer(forward_kernel, tool, tmp_path):
     script = tmp_path / "run.py"
     script.write_text(SANITIZER_SCRIPT)
     env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
-    result = subprocess.run([sanitizer, f"--tool={tool}", "--error-exitcode=99", sys.executable, str(script)],
+    result = subprocess.run([sanitizer, f"--tool={tool}", "--error-exitcode=99", sys.executable, str(script),
+                             forward_kernel],
                             capture_output=True, text=True, env=env, timeout=1800)
     assert result.returncode == 0 and "ran" in result.stdout, result.stdout[-4000:] + result.stderr[-4000:]
     assert "ERROR SUMMARY: 0 errors" in result.stdout + result.stderr, result.stdout[-4000:]
+
+
+test_gpu_compute_sanitizer.forwards_in_subprocess = True  # the script checks which forward ran
 
 
 def _sass(function_pattern, arch):
@@ -416,7 +573,7 @@ def _sass(function_pattern, arch):
     kernels = {}
     sections = re.split(r"\n\s*code for (sm_\w+)", dump)
     for section_arch, section in zip(sections[1::2], sections[2::2]):
-        if section_arch != arch:
+        if section_arch.rstrip("a") != arch.rstrip("a"):  # cuobjdump's SASS dump names sm_90a code "sm_90"
             continue
         for block in re.split(r"\n\s*Function : ", section)[1:]:
             name, _, body = block.partition("\n")

@@ -369,6 +369,36 @@ def test_ffn_strided_and_broadcast_inputs():
         assert_within_naive_error(ours, nv, rf, factor=GRAD_FACTOR, what=f"strided ffn {name}")
 
 
+def _at_offset(t, offset):
+    """t's values in a leaf view starting `offset` elements into its storage: a pointer
+    aligned to offset · element size bytes only (cuBLASLt assumes 256 unless told)."""
+    storage = torch.zeros(t.numel() + offset, dtype=t.dtype, device=t.device)
+    view = storage[offset:].view(t.shape)
+    view.copy_(t)
+    return view.requires_grad_(t.is_floating_point())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("offset", [1, 3, 8])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("gated", [False, True], ids=["ffn", "gated_ffn"])
+def test_ffn_operands_at_storage_offsets(gated, dtype, offset):
+    """Every operand a view with a storage offset: the GEMMs get the pointers' real
+    alignment, run with an algorithm that can load them (or ATen), and match the reference."""
+    inputs = _ffn_inputs(37, 64, 96, 64, dtype, gated=gated)
+    ref_out, ref_grads, names = _run_ffn(inputs, None, "gelu_tanh", cast=torch.float64, reference_fn=True)
+    naive_out, naive_grads, _ = _run_ffn(inputs, "naive", "gelu_tanh")
+    leaves = [None if inputs[n[1:]] is None else _at_offset(inputs[n[1:]], offset) for n in names]
+    assert all(t is None or t.storage_offset() == offset for t in leaves)
+    fn = fastattn.gated_ffn if gated else fastattn.ffn
+    out = fn(*leaves, activation="gelu_tanh", backend="cuda")
+    cotangent = torch.randn(out.shape, generator=torch.Generator(device="cuda").manual_seed(1), device="cuda")
+    grads = _grads([out], [cotangent], leaves)
+    what = f"{'gated_ffn' if gated else 'ffn'} offset {offset} {dtype}"
+    _assert_all([out], naive_out, ref_out, ["y"], what)
+    _assert_all(grads, naive_grads, ref_grads, names, what)
+
+
 @pytest.mark.gpu
 def test_ffn_bias_grads_are_bitwise_reproducible():
     inputs = _ffn_inputs(300, 64, 192, 64, torch.bfloat16)

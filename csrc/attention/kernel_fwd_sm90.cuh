@@ -150,21 +150,27 @@ FA_DEVICE void attention_fwd_block_sm90(const FwdParamsSm90& params, char* smem,
     float row_max[2] = {-kInfinity, -kInfinity}, row_sum[2] = {0.f, 0.f}, correction[2];
 #pragma unroll
     for (int i = 0; i < kHeadDim / 2; ++i) acc_o[i] = 0.f;
+#pragma unroll
+    for (int i = 0; i < kBlockN / 2; ++i) s[i] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) p_frag[kk][0] = p_frag[kk][1] = p_frag[kk][2] = p_frag[kk][3] = 0u;
 
-    // S = Q Kᵀ of tile i (waits for K of tile i).
+    // The mbarrier waits come before the wgmma_fence that the GEMMs follow: nothing but
+    // descriptor arithmetic lies between the fence and the wgmmas.
+    auto wait_k = [&](int i) { sm90::mbarrier_wait(&k_full[i % kStages], (i / kStages) & 1); };
+    auto wait_v = [&](int i) { sm90::mbarrier_wait(&v_full[i % kStages], (i / kStages) & 1); };
+    // S = Q Kᵀ of tile i (K of tile i has landed).
     auto issue_s = [&](int i) {
       const int stage = i % kStages;
-      sm90::mbarrier_wait(&k_full[stage], (i / kStages) & 1);
 #pragma unroll
       for (int ks = 0; ks < kHeadDim / 16; ++ks) {
         sm90::wgmma_m64n128k16_ss<Element>(s, q_desc(ks), k_desc(stage, ks), ks > 0);
       }
       sm90::wgmma_commit();
     };
-    // O += P V of tile i (waits for V of tile i).
+    // O += P V of tile i (V of tile i has landed).
     auto issue_pv = [&](int i) {
       const int stage = i % kStages;
-      sm90::mbarrier_wait(&v_full[stage], (i / kStages) & 1);
 #pragma unroll
       for (int kk = 0; kk < kBlockN / 16; ++kk) {
         if constexpr (kHeadDim == 64) {
@@ -221,7 +227,16 @@ FA_DEVICE void attention_fwd_block_sm90(const FwdParamsSm90& params, char* smem,
       }
     };
 
+    // Every register a wgmma reads or writes is settled before its wgmma_fence.
+    auto fence_operands = [&]() {
+      sm90::fence_registers(s);
+      sm90::fence_registers(acc_o);
+      sm90::fence_registers(p_frag);
+    };
+
     sm90::mbarrier_wait(q_full, 0);
+    wait_k(0);
+    fence_operands();
     sm90::wgmma_fence();
     issue_s(0);
     sm90::wgmma_wait<0>();
@@ -231,6 +246,9 @@ FA_DEVICE void attention_fwd_block_sm90(const FwdParamsSm90& params, char* smem,
     for (int i = 1; i < n_tiles; ++i) {
       // S of tile i and P V of tile i - 1 on the tensor cores; the exponentials of tile i
       // as soon as its S is done; then, with P V done, rescale O and repack P.
+      wait_k(i);
+      wait_v(i - 1);
+      fence_operands();
       sm90::wgmma_fence();
       issue_s(i);
       issue_pv(i - 1);
@@ -249,6 +267,8 @@ FA_DEVICE void attention_fwd_block_sm90(const FwdParamsSm90& params, char* smem,
       }
       pack_p();
     }
+    wait_v(n_tiles - 1);
+    fence_operands();
     sm90::wgmma_fence();
     issue_pv(n_tiles - 1);
     sm90::wgmma_wait<0>();
@@ -264,7 +284,7 @@ FA_DEVICE void attention_fwd_block_sm90(const FwdParamsSm90& params, char* smem,
       const int row = row_local + 8 * half;
       if (t == 0 && row < rows_valid) lse[row] = sum > 0.f ? (row_max[half] + log2f(sum)) * kLn2 : -kInfinity;
     }
-    sm90::named_barrier_sync(1, kConsumerThreads);
+    sm90::named_barrier_sync<1, kConsumerThreads>();
 #pragma unroll
     for (int nt = 0; nt < kHeadDim / 8; ++nt) {
 #pragma unroll
@@ -273,7 +293,11 @@ FA_DEVICE void attention_fwd_block_sm90(const FwdParamsSm90& params, char* smem,
             ElementTraits<Element>::pack(acc_o[nt * 4 + 2 * half] * inv[half], acc_o[nt * 4 + 2 * half + 1] * inv[half]);
       }
     }
-    sm90::named_barrier_sync(2 + consumer, 128);
+    if (consumer == 0) {
+      sm90::named_barrier_sync<2, 128>();
+    } else {
+      sm90::named_barrier_sync<3, 128>();
+    }
     for (int c = ltid; c < 64 * kHeadDim / 8; c += 128) {
       const int row = consumer * 64 + c / (kHeadDim / 8), chunk = c % (kHeadDim / 8);
       if (row < rows_valid) {

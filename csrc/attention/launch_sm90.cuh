@@ -8,6 +8,7 @@
 #include <cudaTypedefs.h>
 #include <cuda_runtime.h>
 
+#include "attention/dispatch.h"
 #include "attention/kernel_fwd_sm90.cuh"
 #include "attention/launch.h"
 #include "attention/traits.cuh"
@@ -23,8 +24,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) attention_fwd_kernel_sm9
   char* smem = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   const int m_block = IsCausal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
   attention_fwd_block_sm90<Traits, IsCausal>(params, smem, m_block, blockIdx.y, blockIdx.z, threadIdx.x);
-#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  // Built for sm_90 without the "a" features (wgmma, setmaxnreg): fail loudly. Build 9.0a.
+#elif defined(__CUDA_ARCH__)
+  // Every device pass but sm_90a (sm_80, sm_90 without the "a" features wgmma and
+  // setmaxnreg, PTX for a newer arch): no body. The host never launches it there
+  // (api.cu reads sm90a_code_flag); if anything does, fail loudly rather than leave out
+  // and lse unwritten.
   (void)params;
   __trap();
 #else
@@ -48,23 +52,17 @@ inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
 
 // The 4-D map (head_dim, rows, heads, batch) of a (batch, heads, rows, head_dim) tensor,
 // boxes of (64, box_rows, 1, 1) elements with the 128-byte swizzle. False when TMA cannot
-// describe the tensor (a stride that is not a positive multiple of 16 bytes).
+// describe the tensor (dispatch.h's tma_view; api.cu checks that first) or the driver
+// refuses it.
 inline bool encode_tensor_map(CUtensorMap& map, const void* base, DType dtype, int batch, int heads, int rows,
                               int head_dim, int64_t batch_stride, int64_t head_stride, int64_t row_stride,
                               int box_rows) {
   const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
   if (encode == nullptr) return false;
-  // A dimension of extent 1 is never stepped over: give it a stride TMA accepts.
-  if (rows == 1) row_stride = head_dim;
-  if (heads == 1) head_stride = row_stride * rows;
-  if (batch == 1) batch_stride = head_stride * heads;
-  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(head_dim), static_cast<cuuint64_t>(rows),
-                              static_cast<cuuint64_t>(heads), static_cast<cuuint64_t>(batch)};
-  const cuuint64_t strides[3] = {static_cast<cuuint64_t>(row_stride) * 2, static_cast<cuuint64_t>(head_stride) * 2,
-                                 static_cast<cuuint64_t>(batch_stride) * 2};
-  for (cuuint64_t stride : strides) {
-    if (stride == 0 || stride % 16 != 0 || stride >= (cuuint64_t(1) << 40)) return false;
-  }
+  const TmaView view = tma_view(batch, heads, rows, head_dim, batch_stride, head_stride, row_stride);
+  if (!view.describable) return false;
+  const cuuint64_t* dims = view.dims;
+  const cuuint64_t* strides = view.byte_strides;
   const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(box_rows), 1, 1};
   const cuuint32_t element_strides[4] = {1, 1, 1, 1};
   const CUresult result =

@@ -121,15 +121,15 @@ FA_DEVICE void setmaxnreg_inc() {
 #endif
 }
 
-// bar.sync among `threads` threads (a multiple of 32) on named barrier `id` (1..15).
-FA_DEVICE void named_barrier_sync(int id, int threads) {
+// bar.sync among kThreads threads (a multiple of 32) on named barrier kId (1..15). Both are
+// immediates: with a barrier id in a register ptxas must assume all 16 barriers in use.
+template <int kId, int kThreads>
+FA_DEVICE void named_barrier_sync() {
+  static_assert(kId >= 1 && kId < 16 && kThreads % 32 == 0, "named barrier 1..15 over whole warps");
 #if FA_SM90_ENABLED
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+  asm volatile("bar.sync %0, %1;\n" ::"n"(kId), "n"(kThreads) : "memory");
 #elif FA_EMULATED
-  emu::named_barrier(id, threads);
-#else
-  (void)id;
-  (void)threads;
+  emu::named_barrier(kId, kThreads);
 #endif
 }
 
@@ -171,12 +171,28 @@ FA_DEVICE void wgmma_wait() {
 #endif
 }
 
-// Keeps the compiler from moving accesses of these registers across a wgmma boundary.
+// Keeps the compiler from moving accesses of these registers across a wgmma boundary:
+// every value is final in its register here (before wgmma_fence: nothing writes a wgmma
+// operand between the fence and the wgmma, which would make ptxas inject another
+// warpgroup.arrive, note C7519), or read only from here on (after wgmma_wait).
 template <int N>
 FA_DEVICE void fence_registers(float (&r)[N]) {
 #if defined(__CUDA_ARCH__)
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+#else
+  (void)r;
+#endif
+}
+
+template <int M, int N>
+FA_DEVICE void fence_registers(uint32_t (&r)[M][N]) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+  for (int i = 0; i < M; ++i) {
+#pragma unroll
+    for (int j = 0; j < N; ++j) asm volatile("" : "+r"(r[i][j])::"memory");
+  }
 #else
   (void)r;
 #endif

@@ -15,17 +15,23 @@
 // its GELU auxiliary output (the pre-activation) is laid out like D.
 //
 // Accumulation and scaling are fp32 (CUBLAS_COMPUTE_32F: also for fp32 inputs, so no
-// TF32). The algorithm comes from cuBLASLt's heuristic; when it has none for a problem
-// (an epilogue's alignment rules, say) gemm_lt returns false and the caller falls back.
+// TF32). The algorithm comes from cuBLASLt's heuristic, told each pointer's real
+// alignment (its default assumes 256 bytes, which a view with a storage offset breaks),
+// and is kept per problem; when the heuristic has none for a problem (an epilogue's
+// alignment rules, say) gemm_lt returns false and the caller falls back to ATen.
 //
-// This file needs cublasLt.h, which the CPU CI toolkit lacks: it is listed in
-// csrc/needs_full_toolkit.txt and compiled only where the full toolkit exists.
+// cublasLt.h comes from the nvidia cuBLAS wheel a CUDA torch depends on, or from a full
+// CUDA toolkit (setup.py finds it); CI's compile check (.ci/compile_cuda.sh) passes it
+// the wheel's include folder.
 #include <cublasLt.h>
 #include <cuda_runtime.h>
 
+#include <cstdint>
+#include <map>
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 
 #include "ffn/ffn.cuh"
 
@@ -97,6 +103,28 @@ void make_layout(Layout& out, cudaDataType_t type, int64_t rows, int64_t cols, i
            what);
 }
 
+// The largest power of two (at most 256) that divides the address.
+uint32_t alignment_of(const void* pointer) {
+  const uintptr_t address = reinterpret_cast<uintptr_t>(pointer);
+  if (address == 0) return 256;
+  const uintptr_t lowest_bit = address & (~address + 1);
+  return static_cast<uint32_t>(lowest_bit < 256 ? lowest_bit : 256);
+}
+
+// Everything the heuristic's answer depends on: device, types, shapes, strides,
+// transposes, epilogue, accumulation, pointer alignments and workspace.
+using ProblemKey = std::tuple<int, int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, bool, int, bool,
+                              int64_t, bool, uint32_t, uint32_t, uint32_t, uint64_t>;
+
+// The heuristic's algorithm per problem (found false: it had none), for the process.
+struct CachedAlgo {
+  bool found = false;
+  cublasLtMatmulAlgo_t algo;
+};
+
+std::mutex algo_cache_mutex;
+std::map<ProblemKey, CachedAlgo> algo_cache;
+
 }  // namespace
 
 bool gemm_lt(const GemmParams& p, void* stream_ptr) {
@@ -150,24 +178,55 @@ bool gemm_lt(const GemmParams& p, void* stream_ptr) {
   }
   make_layout(out, type, p.n, p.m, p.ldd, "layout D");
 
-  Preference pref;
-  check_lt(cublasLtMatmulPreferenceCreate(&pref.pref), "cublasLtMatmulPreferenceCreate");
   const uint64_t workspace_bytes = p.workspace != nullptr ? p.workspace_bytes : 0;
-  check_lt(cublasLtMatmulPreferenceSetAttribute(pref.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace_bytes,
-                                                sizeof(workspace_bytes)),
-           "MAX_WORKSPACE_BYTES");
+  // cuBLASLt's A is our B, its B our A, its C and D our D.
+  const uint32_t align_first = alignment_of(p.b);
+  const uint32_t align_second = alignment_of(p.a);
+  const uint32_t align_out = alignment_of(p.d);
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) throw std::runtime_error("fastattn cuBLASLt: no current CUDA device");
+  const ProblemKey key{device, static_cast<int>(p.dtype), p.m, p.n, p.k, p.lda, p.ldb, p.ldd, p.trans_a, p.trans_b,
+                       static_cast<int>(epilogue), p.bias != nullptr, p.ld_aux, p.beta != 0.f, align_first,
+                       align_second, align_out, workspace_bytes};
 
   const cublasLtHandle_t handle = lt_handle();
-  cublasLtMatmulHeuristicResult_t heuristic = {};
-  int found = 0;
-  const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(handle, op.desc, first.layout, second.layout, out.layout,
-                                                               out.layout, pref.pref, 1, &heuristic, &found);
-  if (status != CUBLAS_STATUS_SUCCESS || found == 0) return false;
+  CachedAlgo chosen;
+  bool cached = false;
+  {
+    std::lock_guard<std::mutex> lock(algo_cache_mutex);
+    const auto it = algo_cache.find(key);
+    if (it != algo_cache.end()) {
+      chosen = it->second;
+      cached = true;
+    }
+  }
+  if (!cached) {
+    Preference pref;
+    check_lt(cublasLtMatmulPreferenceCreate(&pref.pref), "cublasLtMatmulPreferenceCreate");
+    auto prefer = [&](cublasLtMatmulPreferenceAttributes_t attribute, const auto& value, const char* what) {
+      check_lt(cublasLtMatmulPreferenceSetAttribute(pref.pref, attribute, &value, sizeof(value)), what);
+    };
+    prefer(CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, workspace_bytes, "MAX_WORKSPACE_BYTES");
+    prefer(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, align_first, "MIN_ALIGNMENT_A_BYTES");
+    prefer(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, align_second, "MIN_ALIGNMENT_B_BYTES");
+    prefer(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, align_out, "MIN_ALIGNMENT_C_BYTES");
+    prefer(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, align_out, "MIN_ALIGNMENT_D_BYTES");
+    cublasLtMatmulHeuristicResult_t heuristic = {};
+    int found = 0;
+    const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(handle, op.desc, first.layout, second.layout,
+                                                                 out.layout, out.layout, pref.pref, 1, &heuristic,
+                                                                 &found);
+    chosen.found = status == CUBLAS_STATUS_SUCCESS && found > 0;
+    if (chosen.found) chosen.algo = heuristic.algo;
+    std::lock_guard<std::mutex> lock(algo_cache_mutex);
+    algo_cache.emplace(key, chosen);
+  }
+  if (!chosen.found) return false;
 
   const float alpha = 1.f;
   const float beta = p.beta;
   const cublasStatus_t run = cublasLtMatmul(handle, op.desc, &alpha, p.b, first.layout, p.a, second.layout, &beta, p.d,
-                                            out.layout, p.d, out.layout, &heuristic.algo, p.workspace, workspace_bytes,
+                                            out.layout, p.d, out.layout, &chosen.algo, p.workspace, workspace_bytes,
                                             static_cast<cudaStream_t>(stream_ptr));
   if (run == CUBLAS_STATUS_NOT_SUPPORTED) return false;  // refused before launching anything
   check_lt(run, "cublasLtMatmul");

@@ -3,6 +3,10 @@
 Importing fastattn never imports the extension. The first call that needs the `cuda`
 backend loads it; a failure is remembered and reported as a reason string (the
 backend is then unavailable), never raised at import.
+
+That first call may come inside code that torch.compile traces (backend resolution
+runs in every op), where importing a module cannot be traced: `unavailable_reason` is
+therefore a constant to the compiler, run in Python when a trace reaches it.
 """
 
 from __future__ import annotations
@@ -10,9 +14,15 @@ from __future__ import annotations
 import importlib
 from typing import Optional
 
+import torch
+
 _module = None
 _error: Optional[str] = None
 _tried = False
+
+
+def _cuda_device_present() -> bool:
+    return torch.cuda.is_available()
 
 
 def _load() -> None:
@@ -20,9 +30,7 @@ def _load() -> None:
     if _tried:
         return
     _tried = True
-    import torch
-
-    if not torch.cuda.is_available():
+    if not _cuda_device_present():
         _error = "no CUDA device is available"
         return
     try:
@@ -35,6 +43,7 @@ def _load() -> None:
         )
 
 
+@torch.compiler.assume_constant_result
 def unavailable_reason() -> Optional[str]:
     """None when fastattn._C is loaded and a CUDA device exists, else why not."""
     _load()

@@ -33,6 +33,11 @@ AUTO_ORDER = {"cuda": ("cuda", "triton", "torch", "naive"), "cpu": ("torch", "na
 _state = threading.local()
 _global_default = "auto"
 
+# Whether the triton package is installed: decided once, here, at import. Availability is
+# asked inside traced code (resolve() runs under torch.compile), and torch < 2.13 cannot
+# trace importlib.util.find_spec.
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
 
 def _check_name(name: object, argument: str = "backend") -> str:
     if not isinstance(name, str) or name not in BACKENDS:
@@ -75,7 +80,7 @@ def backend_unavailable_reason(name: str, device: Optional[torch.device] = None)
     if name in ("naive", "torch"):
         return None
     if name == "triton":
-        if importlib.util.find_spec("triton") is None:
+        if not TRITON_INSTALLED:
             return "the triton package is not installed"
         if device is not None and device.type == "cpu" and not triton_interpreter_on():
             return "Triton runs CPU tensors only under TRITON_INTERPRET=1 (set before triton is imported)"
