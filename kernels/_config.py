@@ -426,25 +426,81 @@ def ffn_launch_config(kernel: str, device, dtype, M: int) -> Optional[dict]:
 
 
 # ============================================================================
-# attention (kernels/attention.py: the forward, backward dK/dV and backward dQ kernels)
+# attention (kernels/attention.py: forward, backward preprocess, dK/dV, dQ, dbias, dropout mask)
 # ============================================================================
 #
-# The tuned parameters are the tile (BLOCK_M query rows, BLOCK_N key columns), num_warps
-# and num_stages, one space per kernel ("fwd", "dkdv", "dq"), keyed on the padded head
-# dims, causal, the option flags and a seqlen bucket (ATTENTION_TUNE_KEY; Triton adds the
-# dtypes). FASTATTN_ATTENTION_CONFIG pins one config for every attention kernel, e.g.
+# One config per key (arch family, kernel, dtype, head-dim bucket, causal) from
+# ATTENTION_DEFAULTS, so that a first call compiles one variant per kernel. The kernels:
+#     fwd             a BLOCK_M-row q tile stays; K/V stream through in BLOCK_N-key tiles
+#     bwd_preprocess  Delta and Lse2 of BLOCK_M rows (memory-bound)
+#     dkdv            a BLOCK_N-key K/V tile stays; q/dO stream through in BLOCK_M-row tiles
+#     dq              a BLOCK_M-row q/dO tile stays; K/V stream through in BLOCK_N-key tiles
+#     dbias           one (BLOCK_M, BLOCK_N) tile of dbias; loads q/dO and K/V tiles both
+#     dropout_mask    the dropout keep-mask materialised (tests)
+# The head-dim bucket is max(head_dim, head_dim_v) rounded up to 64, 128 or 256 (the
+# kernels pad head dims to a power of two). fp16 and bf16 share entries (same tiles, same
+# bytes); fp32 inputs run ieee dots on the FMA units and have small tiles of their own.
+# The sm90 entries compiled for sm_90 without register spills with each of the options
+# (bias, bool mask, dropout, softcap, ALiBi, varlen) at head dims 64, 96, 128 and 256,
+# within its 227 KB of shared memory per block; the sm80 entries compiled for sm_80 within
+# 99 KB, the limit of the 8.6 and 8.9 parts, so that one entry serves every 8.x GPU
+# (checked there with bias, dropout, softcap and ALiBi together). `python -m
+# fastattn.kernels.aot` checks them. The exception is fp32 dK/dV at head-dim bucket 256,
+# which spilled about 770 bytes in every tile tried (its ieee dots hold 256-long operand
+# rows in registers; fp32 is the exact path, not the fast one). Seeds: Triton's tutorial
+# 06 (forward 128x64) and FlashAttention-2's 8-warp backward; the dK/dV program holds K,
+# V, dK and dV, so its tiles are smaller than the tutorial's 32x128 and it runs
+# unpipelined (num_stages 1): its pipelined 4-warp configs spill. The GPU issues tune
+# them. Causal and non-causal calls share the entries (causal is a key of the table all
+# the same, so a tuned entry can split them).
+#
+# FASTATTN_ATTENTION_CONFIG pins keys of the config of every attention kernel, e.g.
 #     FASTATTN_ATTENTION_CONFIG="BLOCK_M=32,BLOCK_N=32,num_warps=4,num_stages=1"
-# where keys left out take ATTENTION_DEFAULT's values. Under the Triton interpreter
-# ATTENTION_INTERPRETER_CONFIG is used without tuning (small tiles, so that the test
-# shapes cover several tiles, the full and the masked ones). The untuned kernels (the
-# backward preprocess and dbias) use the pinned config or ATTENTION_DEFAULT.
+# (keys left out keep the table's values; a kernel ignores keys it has no use for).
+# Under the Triton interpreter ATTENTION_INTERPRETER_CONFIG replaces the table (small
+# tiles, so that the test shapes cover several tiles, the full and the masked ones).
+# With FASTATTN_AUTOTUNE=1 (and nothing pinned) the fwd, dkdv and dq kernels are
+# autotuned over at most ATTENTION_MAX_TUNE_CONFIGS configs around the default entry,
+# keyed on ATTENTION_TUNE_KEY (a seqlen bucket, causal, the padded head dims and the
+# option flags; Triton adds the dtypes), timings cached on disk.
 
 ATTENTION_CONFIG_ENV = "FASTATTN_ATTENTION_CONFIG"
-ATTENTION_DEFAULT = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 ATTENTION_INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
-ATTENTION_TUNE_KEY = ("seqlen_bucket", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "HAS_SOFTCAP", "HAS_ALIBI",
+ATTENTION_KINDS = ("fwd", "bwd_preprocess", "dkdv", "dq", "dbias", "dropout_mask")
+ATTENTION_TUNED_KINDS = ("fwd", "dkdv", "dq")
+ATTENTION_HEAD_DIM_BUCKETS = (64, 128, 256)
+# (family, kind) -> {head-dim bucket: (BLOCK_M, BLOCK_N, num_warps, num_stages)}, 16-bit inputs
+# (bwd_preprocess has no BLOCK_N)
+ATTENTION_DEFAULTS = {
+    ("sm90", "fwd"): {64: (128, 64, 8, 3), 128: (128, 64, 8, 3), 256: (64, 32, 8, 2)},
+    ("sm90", "bwd_preprocess"): {64: (128, 0, 4, 1), 128: (128, 0, 8, 1), 256: (64, 0, 8, 1)},
+    ("sm90", "dkdv"): {64: (32, 64, 4, 1), 128: (16, 64, 8, 1), 256: (32, 16, 8, 2)},
+    ("sm90", "dq"): {64: (128, 64, 8, 3), 128: (128, 32, 8, 3), 256: (32, 32, 8, 2)},
+    ("sm90", "dbias"): {64: (64, 64, 8, 1), 128: (64, 32, 8, 1), 256: (32, 16, 8, 1)},
+    ("sm90", "dropout_mask"): {64: (64, 64, 4, 1), 128: (64, 64, 4, 1), 256: (64, 64, 4, 1)},
+    ("sm80", "fwd"): {64: (128, 64, 8, 3), 128: (128, 32, 8, 2), 256: (64, 32, 8, 2)},
+    ("sm80", "bwd_preprocess"): {64: (128, 0, 4, 1), 128: (128, 0, 8, 1), 256: (64, 0, 8, 1)},
+    ("sm80", "dkdv"): {64: (32, 32, 8, 1), 128: (16, 32, 8, 1), 256: (32, 16, 8, 1)},
+    ("sm80", "dq"): {64: (128, 32, 8, 2), 128: (128, 32, 8, 2), 256: (32, 32, 8, 2)},
+    ("sm80", "dbias"): {64: (32, 64, 8, 1), 128: (64, 32, 8, 1), 256: (32, 16, 8, 1)},
+    ("sm80", "dropout_mask"): {64: (64, 64, 4, 1), 128: (64, 64, 4, 1), 256: (64, 64, 4, 1)},
+}
+# kind -> {head-dim bucket: config} for fp32 inputs, every family: ieee dots on the FMA
+# units hold whole operand rows in registers, hence the small tiles
+ATTENTION_DEFAULTS_FP32 = {
+    "fwd": {64: (32, 16, 4, 1), 128: (32, 16, 4, 1), 256: (32, 16, 8, 1)},
+    "bwd_preprocess": {64: (128, 0, 4, 1), 128: (64, 0, 4, 1), 256: (32, 0, 4, 1)},
+    "dkdv": {64: (16, 16, 4, 1), 128: (16, 16, 8, 1), 256: (16, 16, 8, 1)},
+    "dq": {64: (16, 32, 4, 1), 128: (16, 32, 4, 1), 256: (16, 16, 4, 1)},
+    "dbias": {64: (32, 32, 4, 1), 128: (16, 32, 4, 1), 256: (16, 16, 4, 1)},
+    "dropout_mask": {64: (64, 64, 4, 1), 128: (64, 64, 4, 1), 256: (64, 64, 4, 1)},
+}
+ATTENTION_TUNE_KEY = ("seqlen_bucket", "causal", "BLOCK_D", "BLOCK_DV", "HAS_SOFTCAP", "HAS_ALIBI",
                       "BIAS_KIND", "HAS_DROPOUT")
-ATTENTION_SHARED_MEMORY = 200 * 1024  # bytes for resident + num_stages buffered tiles (H100: 227 KiB)
+ATTENTION_MAX_TUNE_CONFIGS = 8
+# bytes of staged tiles an autotune candidate may plan for (attention_keep), by compute
+# capability: the per-block limit (227, 163 or 99 KB) less room for layout scratch
+ATTENTION_SHARED_MEMORY = {90: 200 * 1024, 80: 140 * 1024, 87: 140 * 1024, 86: 88 * 1024, 89: 88 * 1024}
 ATTENTION_ACCUMULATOR_REGISTERS = 128  # most fp32 accumulator elements per thread
 ATTENTION_SCORE_REGISTERS = 64  # most fp32 score-tile (BLOCK_M x BLOCK_N) elements per thread
 ATTENTION_EIGHT_WARPS_TILE = 128 * 64  # smallest resident tile (elements) worth 8 warps
@@ -455,6 +511,35 @@ _ATTENTION_SPACE = {
     "dq": dict(BLOCK_M=(64, 128), BLOCK_N=(16, 32, 64), num_warps=(4, 8), num_stages=(1, 2, 3)),
 }
 _ATTENTION_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+_ATTENTION_KIND_KEYS = {kind: _ATTENTION_KEYS for kind in ATTENTION_KINDS}
+_ATTENTION_KIND_KEYS["bwd_preprocess"] = ("BLOCK_M", "num_warps", "num_stages")
+
+
+def attention_head_dim_bucket(head_dim: int) -> int:
+    """The table's head-dim bucket of max(head_dim, head_dim_v): 64, 128 or 256."""
+    return next((b for b in ATTENTION_HEAD_DIM_BUCKETS if head_dim <= b), ATTENTION_HEAD_DIM_BUCKETS[-1])
+
+
+def attention_shared_memory(arch: int) -> int:
+    """Bytes of staged tiles attention_keep allows on compute capability `arch`."""
+    if arch >= 90:
+        return ATTENTION_SHARED_MEMORY[90]
+    return ATTENTION_SHARED_MEMORY.get(arch, ATTENTION_SHARED_MEMORY[86])
+
+
+def attention_default_config(arch: int, kind: str, dtype=None, head_dim: int = 0, causal: bool = False) -> dict:
+    """The table's config of kernel `kind` for compute capability `arch`, inputs of
+    `dtype` (a torch dtype; None for the dropout mask) and max(head_dim, head_dim_v).
+    `causal` is part of the key; the entries do not differ by it yet."""
+    if kind not in ATTENTION_KINDS:
+        raise ValueError(f"attention kernel kind must be one of {', '.join(ATTENTION_KINDS)}; got {kind!r}")
+    bucket = attention_head_dim_bucket(head_dim)
+    if dtype is not None and getattr(dtype, "itemsize", 2) == 4:
+        entry = ATTENTION_DEFAULTS_FP32[kind][bucket]
+    else:
+        entry = ATTENTION_DEFAULTS[(arch_family(arch), kind)][bucket]
+    config = dict(zip(_ATTENTION_KEYS, entry))
+    return {key: config[key] for key in _ATTENTION_KIND_KEYS[kind]}
 
 
 def attention_seqlen_bucket(seqlen_q: int, seqlen_k: int) -> int:
@@ -463,11 +548,13 @@ def attention_seqlen_bucket(seqlen_q: int, seqlen_k: int) -> int:
 
 
 def attention_keep(kind: str, block_m: int, block_n: int, num_warps: int, num_stages: int,
-                   block_d: int, block_dv: int, element_size: int = 2) -> bool:
+                   block_d: int, block_dv: int, element_size: int = 2,
+                   shared_memory: int = ATTENTION_SHARED_MEMORY[90]) -> bool:
     """Whether a config of kernel `kind` is worth trying for (padded) head dims
-    block_d / block_dv and operands of element_size bytes: the staged tiles fit in shared
-    memory, the fp32 accumulators and the score tile in registers, and 8 warps only for
-    tiles big enough to keep them busy."""
+    block_d / block_dv and operands of element_size bytes: the staged tiles fit in
+    `shared_memory` bytes, the fp32 accumulators and the score tile in registers, and 8
+    warps only for 16-bit tiles big enough to keep the tensor cores busy (fp32's ieee dots
+    run on the FMA units, where more warps split the operand rows)."""
     threads = 32 * num_warps
     if kind == "fwd":  # q resident, k and v streamed; accumulates o
         resident, streamed, accumulator = block_m * block_d, block_n * (block_d + block_dv), block_m * block_dv
@@ -477,54 +564,75 @@ def attention_keep(kind: str, block_m: int, block_n: int, num_warps: int, num_st
     elif kind == "dq":  # q and do resident, k and v streamed; accumulates dq
         resident, streamed, accumulator = block_m * (block_d + block_dv), block_n * (block_d + block_dv), block_m * block_d
     else:
-        raise ValueError(f"attention kernel kind must be fwd, dkdv or dq; got {kind!r}")
-    if num_warps == 8 and resident < ATTENTION_EIGHT_WARPS_TILE:
+        raise ValueError(f"attention kernel kind must be one of {', '.join(ATTENTION_TUNED_KINDS)}; got {kind!r}")
+    if num_warps == 8 and element_size == 2 and resident < ATTENTION_EIGHT_WARPS_TILE:
         return False
     if accumulator > ATTENTION_ACCUMULATOR_REGISTERS * threads:
         return False
     if block_m * block_n > ATTENTION_SCORE_REGISTERS * threads:
         return False
-    return (resident + num_stages * streamed) * element_size <= ATTENTION_SHARED_MEMORY
+    return (resident + num_stages * streamed) * element_size <= shared_memory
 
 
 def attention_configs(kind: str) -> list:
-    """The whole space of one kernel; attention_prune keeps what fits a call."""
+    """The space of one kernel handed to Triton's autotuner; attention_prune replaces it
+    per call by the neighbourhood of the call's default."""
     space = _ATTENTION_SPACE[kind]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
             for m, n, warps, stages in itertools.product(space["BLOCK_M"], space["BLOCK_N"],
                                                          space["num_warps"], space["num_stages"])]
 
 
+def attention_autotune_configs(arch: int, kind: str, dtype, block_d: int, block_dv: int, causal: bool,
+                               seqlen_q: int, seqlen_k: int) -> list:
+    """At most ATTENTION_MAX_TUNE_CONFIGS configs of kernel `kind` worth timing for one
+    call: the default entry first, then its neighbours (a tile side halved or doubled,
+    num_stages and num_warps one step away) that pass attention_keep on `arch` and are
+    no longer than the sequences need."""
+    default = attention_default_config(arch, kind, dtype, max(block_d, block_dv), causal)
+    m, n, warps, stages = (default[key] for key in _ATTENTION_KEYS)
+    candidates = [(m, n, warps, stages), (m, n * 2, warps, stages), (m, n // 2, warps, stages),
+                  (m * 2, n, warps, stages), (m // 2, n, warps, stages), (m, n, warps, stages + 1),
+                  (m, n, warps, stages - 1), (m, n, 12 - warps, stages), (m * 2, n, 8, stages)]
+    max_m = max(16, triton.next_power_of_2(seqlen_q))
+    max_n = max(16, triton.next_power_of_2(seqlen_k))
+    element_size = getattr(dtype, "itemsize", 2)
+    kept = []
+    for bm, bn, w, s in candidates:
+        config = (bm, bn, w, s)
+        if config in kept or not (16 <= bm <= 256 and 16 <= bn <= 256 and s >= 1):
+            continue
+        if config != candidates[0] and (bm > max_m or bn > max_n or not attention_keep(
+                kind, bm, bn, w, s, block_d, block_dv, element_size, attention_shared_memory(arch))):
+            continue
+        kept.append(config)
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in kept[:ATTENTION_MAX_TUNE_CONFIGS]]
+
+
 def attention_prune(kind: str):
-    """early_config_prune of kernel `kind`: attention_keep for the call's head dims and
-    dtype, tiles no longer than the sequences need (keeps at least one config)."""
+    """early_config_prune of kernel `kind`: attention_autotune_configs for the call (the
+    arch of Q's GPU; tensors off the GPU, in tests, take FASTATTN_TRITON_ARCH or 90)."""
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        element_size = args["Q"].element_size()
-        block_d, block_dv = args["BLOCK_D"], args["BLOCK_DV"]
-        max_m = max(16, triton.next_power_of_2(args["seqlen_q"]))
-        max_n = max(16, triton.next_power_of_2(args["seqlen_k"]))
-        fits = [c for c in configs
-                if attention_keep(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages,
-                                  block_d, block_dv, element_size)]
-        short = [c for c in fits if c.kwargs["BLOCK_M"] <= max_m and c.kwargs["BLOCK_N"] <= max_n]
-        smallest = min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))
-        return short or fits[:1] or [smallest]
+        q = args["Q"]
+        if q.device.type == "cuda" or os.environ.get(TARGET_ARCH_ENV, "").strip():
+            arch = target_arch(q.device)
+        else:
+            arch = 90
+        return attention_autotune_configs(arch, kind, q.dtype, args["BLOCK_D"], args["BLOCK_DV"],
+                                          bool(args.get("causal", 0)), args["seqlen_q"], args["seqlen_k"])
 
     return prune
 
 
-def attention_pinned_config() -> Optional[dict]:
-    """The launch config pinned by FASTATTN_ATTENTION_CONFIG (missing keys from
-    ATTENTION_DEFAULT), ATTENTION_INTERPRETER_CONFIG under the interpreter, or None to
-    autotune."""
+def attention_pinned() -> Optional[dict]:
+    """The keys pinned by FASTATTN_ATTENTION_CONFIG (only those given), or None."""
     text = os.environ.get(ATTENTION_CONFIG_ENV, "").strip()
     if not text:
-        if interpreted():
-            return dict(ATTENTION_INTERPRETER_CONFIG)
         return None
-    pinned = dict(ATTENTION_DEFAULT)
+    pinned = {}
     for item in text.split(","):
         key, sep, value = (part.strip() for part in item.partition("="))
         if not sep or key not in _ATTENTION_KEYS or not value.isdigit() or int(value) < 1:
@@ -532,9 +640,25 @@ def attention_pinned_config() -> Optional[dict]:
                              f"{', '.join(_ATTENTION_KEYS)}; got {text!r}")
         pinned[key] = int(value)
     for key in ("BLOCK_M", "BLOCK_N"):
-        if pinned[key] < 16 or pinned[key] & (pinned[key] - 1):
+        if key in pinned and (pinned[key] < 16 or pinned[key] & (pinned[key] - 1)):
             raise ValueError(f"{ATTENTION_CONFIG_ENV}: {key} must be a power of 2 >= 16; got {pinned[key]}")
     return pinned
+
+
+def attention_launch_config(kind: str, device, dtype=None, head_dim: int = 0, causal: bool = False) -> Optional[dict]:
+    """The config of one launch of kernel `kind` for tensors on `device`: the
+    interpreter's or the default table's (attention_default_config for the device's
+    compute capability), with FASTATTN_ATTENTION_CONFIG's keys on top; None to
+    autotune (FASTATTN_AUTOTUNE=1, a tuned kind, nothing pinned)."""
+    pinned = attention_pinned()
+    if interpreted():
+        config = dict(ATTENTION_INTERPRETER_CONFIG)
+    elif pinned is None and kind in ATTENTION_TUNED_KINDS and autotune_enabled():
+        return None
+    else:
+        config = attention_default_config(target_arch(device), kind, dtype, head_dim, causal)
+    config.update(pinned or {})
+    return {key: value for key, value in config.items() if key in _ATTENTION_KIND_KEYS[kind]}
 
 
 # ============================================================================

@@ -14,6 +14,7 @@ there); the `gpu` tests run fp16 and bf16 over the full head-dim and length swee
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Optional
 
@@ -28,6 +29,7 @@ from helpers import (
     DEVICE, R, U, GRAD_FACTOR, all_residues, assert_within_naive_error, backends_of, every_residue_once,
     forward_is_reference, pin_config_on_gpu, require_module, requires_triton,
 )
+from triton_launches import record_launches, sparse_storage, variant_key
 
 CONFIG_ENV = "FASTATTN_ATTENTION_CONFIG"
 # The tests below run on the GPU where there is one (the Triton kernels compiled), else on
@@ -268,7 +270,7 @@ def test_fully_masked_rows_give_zero_and_neg_inf_lse(backend):
 @needs_triton
 def test_dropout_keep_mask_rate_and_reproducibility():
     kernels = _kernels()
-    seed = torch.tensor([123456789012345], dtype=torch.int64)
+    seed = torch.tensor([123456789012345, 7], dtype=torch.int64)
     p = 0.3
     keep = kernels.dropout_keep_mask(2, 2, 61, 67, p, seed, DEVICE)
     n = keep.numel()
@@ -287,7 +289,7 @@ def test_dropout_matches_reference_given_the_kernels_mask(dtype):
     q, k, v = _inputs(*SMALL)
     p = 0.3
     torch.manual_seed(7)
-    seed = draw_rng_seed()  # what fastattn.attention draws after the same manual_seed
+    seed = draw_rng_seed(q.device)  # what fastattn.attention draws after the same manual_seed
     keep = _kernels().dropout_keep_mask(batch, heads, seqlen_q, seqlen_k, p, seed, q.device)
     check_attention("triton", q, k, v, dtype=dtype, dropout_p=p, dropout_mask=keep, seed=7, causal=True,
                     attn_bias=R(1, heads, seqlen_q, seqlen_k), alibi_slopes=U(heads))
@@ -401,7 +403,8 @@ def test_autotune_space_is_pruned_per_head_dim_and_dtype():
                      seqlen_q=4096, seqlen_k=4096)
         narrow = prune(space, {}, Q=torch.empty(0, dtype=torch.float16), BLOCK_D=64, BLOCK_DV=64,
                        seqlen_q=4096, seqlen_k=4096)
-        assert len(wide) < len(narrow)
+        assert max(len(wide), len(narrow)) <= _config.ATTENTION_MAX_TUNE_CONFIGS
+        assert [str(c) for c in wide] != [str(c) for c in narrow]  # a space per dtype and head dim
         short = prune(space, {}, Q=torch.empty(0, dtype=torch.float16), BLOCK_D=64, BLOCK_DV=64,
                       seqlen_q=1, seqlen_k=4096)
         assert len(short) >= 1
@@ -416,7 +419,7 @@ def test_opcheck_with_every_option():
     q, k, v = _inputs(b, h, hk, sq, sk, d)
     bias = R(1, h, sq, 1)
     slopes = U(b, h)
-    seed = torch.tensor([42], dtype=torch.int64)
+    seed = torch.tensor([42, 3], dtype=torch.int64, device=DEVICE)
     fwd_args = (q, k, v, bias, slopes, seed, 0.3, 4, 2, False, 3.0, 0.25, "triton")
     torch.library.opcheck(torch.ops.fastattn.attention_fwd.default, fwd_args)
     out, lse = torch.ops.fastattn.attention_fwd(*fwd_args)
@@ -530,7 +533,7 @@ def test_gpu_dropout_and_sdpa(dtype, monkeypatch):
     batch, heads, _, seqlen_q, seqlen_k, _ = SMALL
     q, k, v = _inputs(*SMALL, device="cuda")
     torch.manual_seed(7)
-    seed = draw_rng_seed()
+    seed = draw_rng_seed(q.device)
     keep = _kernels().dropout_keep_mask(batch, heads, seqlen_q, seqlen_k, 0.3, seed, q.device)
     check_attention("triton", q, k, v, dtype=dtype, dropout_p=0.3, dropout_mask=keep, seed=7, causal=True)
     q, k, v = _inputs(2, 8, 2, 300, 257, 128, device="cuda")
@@ -636,3 +639,238 @@ def test_tile_edges_every_residue(case, monkeypatch):
             check_attention("triton", q, k, v, **options)
     failures = tile_edge_failures(check, offsets, window)
     assert not failures, "\n".join(failures)
+
+
+# ----------------------------------------------------------------------------- issue 14: launches, offsets, dropout RNG
+
+_KERNEL_NAMES = {
+    "fwd": "_attention_fwd_kernel", "bwd_preprocess": "_attention_bwd_preprocess_kernel",
+    "dkdv": "_attention_bwd_dkdv_kernel", "dq": "_attention_bwd_dq_kernel", "dbias": "_attention_bwd_dbias_kernel",
+    "dropout_mask": "_attention_dropout_mask_kernel",
+}
+
+
+def _record_all(monkeypatch, run=True):
+    """kind -> LaunchRecorder standing in for every attention kernel."""
+    kernels = _kernels()
+    return {kind: record_launches(monkeypatch, kernels, name, run) for kind, name in _KERNEL_NAMES.items()}
+
+
+@needs_triton
+def test_row_offsets_past_int32_are_computed_in_int64(tmp_path):
+    """q, k, v, dout and a bias whose row stride times the row index passes 2**31 elements
+    (as a (b, s, h, d) view with s·h·d >= 2**31, or a bias with seqlen_q·seqlen_k >=
+    2**31, has): forward and backward give bitwise what contiguous copies give."""
+    b, h, hk, sq, sk, d = 1, 2, 1, 40, 36, 16
+    row = 2**26 + 16  # elements from one row to the next: rows 32 and on lie past 2**31
+    storage = sparse_storage(tmp_path, max(sq, sk) * row, DEVICE)
+    q = storage.as_strided((b, h, sq, d), (0, d, row, 1), 0)
+    k = storage.as_strided((b, hk, sk, d), (0, d, row, 1), h * d)
+    v = storage.as_strided((b, hk, sk, d), (0, d, row, 1), (h + hk) * d)
+    dout = storage.as_strided((b, h, sq, d), (0, d, row, 1), (h + 2 * hk) * d)
+    bias = storage.as_strided((b, 1, sq, sk), (0, 0, row, 1), (2 * h + 2 * hk) * d)
+    for t in (q, k, v, dout, bias):
+        t.copy_(torch.randn(t.shape))
+
+    def run(q_, k_, v_, bias_, dout_):
+        leaves = [t.detach().requires_grad_() for t in (q_, k_, v_, bias_)]
+        out, lse = fastattn.attention(*leaves[:3], attn_bias=leaves[3], causal=True, return_lse=True,
+                                      backend="triton")
+        return (out, lse, *torch.autograd.grad(out, leaves, dout_))
+
+    got = run(q, k, v, bias, dout)
+    expected = run(*(t.contiguous() for t in (q, k, v, bias, dout)))
+    for name, a, e in zip(("out", "lse", "dq", "dk", "dv", "dbias"), got, expected):
+        assert torch.equal(a, e), name
+
+
+@needs_triton
+def test_dropout_mask_grid_stays_within_cuda_limits(monkeypatch):
+    """batch·heads above 65535 (the most programs of grid axes 1 and 2) runs on axis 0."""
+    kernels = _kernels()
+    recorder = record_launches(monkeypatch, kernels, "_attention_dropout_mask_kernel", run=False)
+    kernels.dropout_keep_mask(2, 40000, 1, 1, 0.5, torch.tensor([1, 2], device=DEVICE), DEVICE)
+    (grid, _), = recorder.launches
+    assert grid[0] == 80000 and grid[0] <= 2**31 - 1 and all(n <= 65535 for n in grid[1:])
+
+
+@needs_triton
+def test_launch_variants_do_not_depend_on_lengths_windows_causal_or_dropout_draws(monkeypatch):
+    """Two calls that differ in sequence lengths (1, multiples of 16 and not), window,
+    causal and the dropout draw launch every kernel with the same compile key: what
+    changes per call is either do_not_specialize or read from a tensor."""
+    recorders = _record_all(monkeypatch)
+    keys = []
+    for seqlen_q, seqlen_k, causal, window in ((32, 48, True, (16, -1)), (1, 37, False, (5, 1))):
+        before = {kind: len(r.launches) for kind, r in recorders.items()}
+        q, k, v = (t.requires_grad_() for t in _inputs(1, 4, 2, seqlen_q, seqlen_k, 32))
+        out = fastattn.attention(q, k, v, causal=causal, window_size=window, dropout_p=0.3, softcap=5.0,
+                                 alibi_slopes=U(4), backend="triton")
+        out.backward(torch.ones_like(out))
+        keys.append({kind: [variant_key(r.kernel, kwargs) for _, kwargs in r.launches[before[kind]:]]
+                     for kind, r in recorders.items()})
+    assert all(keys[0][kind] for kind in ("fwd", "bwd_preprocess", "dkdv", "dq"))
+    for kind in recorders:
+        assert keys[0][kind] == keys[1][kind], kind
+
+
+@needs_triton
+def test_dropout_state_is_a_device_tensor_read_by_the_kernels(monkeypatch):
+    """fastattn.attention draws a (2,) int64 (Philox key, counter offset) tensor on q's
+    device and the kernels read it there: the same tensor gives the same output, and new
+    contents (what a CUDA graph replay of the draw writes) give a new mask."""
+    q, k, v = _inputs(1, 2, 1, 20, 24, 16)
+    state = torch.tensor([5, 9], dtype=torch.int64, device=DEVICE)
+
+    def forward():
+        return torch.ops.fastattn.attention_fwd(q, k, v, None, None, state, 0.25, -1, -1, False, 0.0, 0.5,
+                                                "triton")[0]
+
+    first, again = forward(), forward()
+    state[1] += 1
+    other_offset = forward()
+    state[0] += 1
+    other_key = forward()
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other_offset) and not torch.equal(other_offset, other_key)
+
+    recorder = record_launches(monkeypatch, _kernels(), "_attention_fwd_kernel")
+    fastattn.attention(q, k, v, dropout_p=0.5, backend="triton")
+    (_, kwargs), = recorder.launches
+    assert kwargs["RngState"].shape == (2,) and kwargs["RngState"].dtype == torch.int64
+    assert kwargs["RngState"].device == q.device
+
+
+def _philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 (Salmon et al., SC'11; the rounds of triton.language.philox) on
+    numpy uint64 arrays holding 32-bit values; returns the four output words."""
+    low = 0xFFFFFFFF
+    for _ in range(10):
+        p0, p1 = c0 * 0xD2511F53, c2 * 0xCD9E8D57
+        c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & low, (p0 >> 32) ^ c3 ^ k1, p0 & low
+        k0, k1 = (k0 + 0x9E3779B9) & low, (k1 + 0xBB67AE85) & low
+    return c0, c1, c2, c3
+
+
+def _reference_keep_mask(batch, heads, seqlen_q, seqlen_k, dropout_p, seed, offset):
+    """The documented mask: byte j % 16 (word (j % 16) // 4, low byte first) of
+    Philox(key seed; counter (j // 16, i, b·heads + h, offset)) >= ceil(256·p)."""
+    import numpy as np
+
+    bh, i, j = np.ix_(np.arange(batch * heads, dtype=np.uint64), np.arange(seqlen_q, dtype=np.uint64),
+                      np.arange(seqlen_k, dtype=np.uint64))
+    words = _philox4x32_10(j // 16 + 0 * i, i + 0 * j, bh + 0 * i, np.uint64(offset & 0xFFFFFFFF) + 0 * i * j,
+                           np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32))
+    word = np.choose(((j % 16) // 4 + 0 * i * bh).astype(np.int64), words)
+    keep_byte = (word >> (8 * (j % 4))) & 0xFF
+    threshold = np.ceil(np.float32(dropout_p) * np.float32(256.0))
+    return torch.from_numpy(keep_byte >= threshold).reshape(batch, heads, seqlen_q, seqlen_k)
+
+
+@needs_triton
+@pytest.mark.parametrize("config", [None, "BLOCK_M=64,BLOCK_N=16", "BLOCK_M=16,BLOCK_N=64"])
+def test_dropout_mask_is_16_philox_bytes_per_call_whatever_the_tiles(config, monkeypatch):
+    if config is not None:
+        monkeypatch.setenv(CONFIG_ENV, config)
+    seed, offset, p = 2**61 + 12345, 2**33 + 77, 0.3
+    keep = _kernels().dropout_keep_mask(2, 3, 37, 70, p, torch.tensor([seed, offset], device=DEVICE), DEVICE)
+    assert torch.equal(keep.cpu(), _reference_keep_mask(2, 3, 37, 70, p, seed, offset))
+
+
+@needs_triton
+@pytest.mark.parametrize("dropout_p", [0.1, 0.5, 0.9])
+def test_dropout_keep_rate_overall_and_per_byte_of_a_philox_call(dropout_p):
+    """Keep rate 1 - ceil(256 p)/256, overall and in each of the 16 byte lanes of a Philox
+    call (keys j mod 16), within 5 binomial standard deviations of its sample size."""
+    keep = _kernels().dropout_keep_mask(2, 4, 64, 256, dropout_p, torch.tensor([12345, 678], device=DEVICE), DEVICE)
+    expected = 1 - math.ceil(256 * dropout_p) / 256
+    spread = math.sqrt(expected * (1 - expected))
+    rate = keep.double().mean().item()
+    assert abs(rate - expected) <= 5 * spread / math.sqrt(keep.numel())
+    lanes = keep.reshape(-1, 16).double().mean(0)
+    assert (lanes - expected).abs().max().item() <= 5 * spread / math.sqrt(keep.numel() / 16)
+
+
+@needs_triton
+@pytest.mark.parametrize("config", ["BLOCK_M=16,BLOCK_N=64", "BLOCK_M=64,BLOCK_N=16"])
+def test_dropout_forward_and_backward_use_the_mask_of_the_helper_with_other_tiles(config, monkeypatch):
+    """The transposed dK/dV tiles and the dQ tiles replay the forward's mask whatever the
+    tile shapes: every gradient matches the reference given the helper's mask."""
+    monkeypatch.setenv(CONFIG_ENV, config)
+    q, k, v = _inputs(1, 2, 1, 45, 37, 24)
+    torch.manual_seed(5)
+    seed = draw_rng_seed(q.device)
+    keep = _kernels().dropout_keep_mask(1, 2, 45, 37, 0.4, seed, q.device)
+    check_attention("triton", q, k, v, dropout_p=0.4, dropout_mask=keep, seed=5, attn_bias=R(1, 2, 45, 37))
+
+
+@needs_triton
+@pytest.mark.parametrize("arch", [80, 86, 90])
+def test_launches_take_the_default_table_config(arch, monkeypatch):
+    """Outside the interpreter, with nothing pinned and no FASTATTN_AUTOTUNE, every
+    kernel launches with its entry of the default table for the GPU's arch (the
+    interpreter is switched off for the launcher only: nothing runs)."""
+    from fastattn.kernels import _config
+
+    monkeypatch.setattr(_config, "interpreted", lambda: False)
+    monkeypatch.setenv("FASTATTN_TRITON_ARCH", str(arch))
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    monkeypatch.delenv("FASTATTN_AUTOTUNE", raising=False)
+    recorders = _record_all(monkeypatch, run=False)
+    kernels = _kernels()
+    q, k, v = (t.half() for t in _inputs(1, 4, 2, 37, 45, 80))
+    bias = R(1, 4, 37, 45).half()
+    state = torch.tensor([1, 2], device=DEVICE)
+    out, lse = kernels.attention_forward(q, k, v, bias, None, state, 0.1, -1, 0, False, 5.0, 0.2)
+    kernels.attention_backward(out, None, q, k, v, out, lse, bias, None, state, 0.1, -1, 0, False, 5.0, 0.2, True)
+    kernels.dropout_keep_mask(1, 4, 37, 45, 0.2, state, DEVICE)
+    for kind, recorder in recorders.items():
+        (_, kwargs), = recorder.launches
+        expected = _config.attention_default_config(arch, kind, None if kind == "dropout_mask" else torch.float16,
+                                                    80, True)
+        assert {key: kwargs[key] for key in expected} == expected, kind
+        if kind in ("fwd", "dkdv", "dq", "dbias"):
+            assert kwargs["FAST_TANH"], "16-bit softcap on a GPU takes tanh.approx.f32"
+
+
+def test_default_table_covers_every_key_and_autotuning_is_opt_in(monkeypatch):
+    """Every (arch, kernel, dtype, head-dim bucket, causal) key has one config with tiles
+    that are powers of 2 >= 16 (that they compile without spills within the arch's shared
+    memory is the ahead-of-time compile check's job); with FASTATTN_AUTOTUNE=1 the tuned
+    kernels autotune over at most 8 configs, the default first, while a pinned config
+    still wins and the other kernels never autotune."""
+    pytest.importorskip("triton")
+    from fastattn.kernels import _config
+
+    for arch, kind, dtype, head_dim, causal in itertools.product(
+            (80, 86, 89, 90), _config.ATTENTION_KINDS, (torch.float16, torch.bfloat16, torch.float32),
+            (16, 40, 64, 96, 128, 192, 256), (False, True)):
+        config = _config.attention_default_config(arch, kind, dtype, head_dim, causal)
+        assert all(config[key] >= 16 and config[key] & (config[key] - 1) == 0
+                   for key in ("BLOCK_M", "BLOCK_N") if key in config)
+        if kind in _config.ATTENTION_TUNED_KINDS:
+            block_d = max(16, 1 << (head_dim - 1).bit_length())
+            tuned = _config.attention_autotune_configs(arch, kind, dtype, block_d, block_d, causal, 4096, 4096)
+            assert 1 <= len(tuned) <= _config.ATTENTION_MAX_TUNE_CONFIGS
+            assert {**tuned[0].kwargs, "num_warps": tuned[0].num_warps, "num_stages": tuned[0].num_stages} == config
+    monkeypatch.setattr(_config, "interpreted", lambda: False)
+    monkeypatch.setenv("FASTATTN_TRITON_ARCH", "90")
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    monkeypatch.setenv("FASTATTN_AUTOTUNE", "1")
+    assert _config.attention_launch_config("fwd", DEVICE, torch.float16, 128) is None
+    assert _config.attention_launch_config("dbias", DEVICE, torch.float16, 128) == \
+        _config.attention_default_config(90, "dbias", torch.float16, 128)
+    monkeypatch.setenv(CONFIG_ENV, "BLOCK_N=16")
+    assert _config.attention_launch_config("dq", DEVICE, torch.float16, 128) == \
+        dict(_config.attention_default_config(90, "dq", torch.float16, 128), BLOCK_N=16)
+    assert "BLOCK_N" not in _config.attention_launch_config("bwd_preprocess", DEVICE, torch.float16, 128)
+
+
+@needs_triton
+def test_softcap_takes_tanh_approx_only_for_16_bit_on_a_gpu(monkeypatch):
+    """fp32 keeps the fp32-exact tanh everywhere; 16-bit inputs too in the interpreter."""
+    recorder = record_launches(monkeypatch, _kernels(), "_attention_fwd_kernel")
+    q, k, v = _inputs(1, 2, 1, 9, 9, 16)
+    fastattn.attention(q, k, v, softcap=3.0, backend="triton")
+    fastattn.attention(q.half(), k.half(), v.half(), softcap=3.0, backend="triton")
+    assert [kwargs["FAST_TANH"] for _, kwargs in recorder.launches] == [False, not backends.triton_interpreter_on()]

@@ -24,12 +24,13 @@ import pytest
 import torch
 
 import fastattn
-from fastattn import backends, reference
+from fastattn import reference
 from fastattn.ops._common import draw_rng_seed
 from helpers import (
     DEVICE, R, U, FACTOR, GRAD_FACTOR, all_residues, assert_within_naive_error, every_residue_once, pin_config_on_gpu,
     requires_triton,
 )
+from triton_launches import sparse_storage
 
 CONFIG_ENV = "FASTATTN_ATTENTION_CONFIG"
 # Every test here runs the Triton kernels: skipped where Triton is missing, failed under CI=true.
@@ -173,7 +174,7 @@ def test_dropout_matches_reference_given_the_kernels_mask():
     lengths_q, lengths_k = LENGTHS
     heads, p = 2, 0.3
     torch.manual_seed(7)
-    seed = draw_rng_seed()  # what varlen_attention draws after the same manual_seed
+    seed = draw_rng_seed(DEVICE)  # what varlen_attention draws after the same manual_seed
     keep = _kernels().dropout_keep_mask(len(lengths_q), heads, max(lengths_q), max(lengths_k), p, seed,
                                         DEVICE)
     check_varlen(lengths_q, lengths_k, heads, 1, 16, dropout_p=p, keep=keep, seed=7, causal=True,
@@ -244,7 +245,7 @@ def test_opcheck_with_every_option():
     lengths_q, lengths_k = [0, 9], [2, 7]
     q, k, v = _packed(lengths_q, lengths_k, 1, 1, 16)
     cu_q, cu_k = _cu(lengths_q), _cu(lengths_k)
-    slopes, seed = U(2, 1), torch.tensor([42], dtype=torch.int64)
+    slopes, seed = U(2, 1), torch.tensor([42, 3], dtype=torch.int64, device=DEVICE)
     options = (0.3, 4, 2, 3.0, 0.25, "triton")  # scale, window_left, window_right, softcap, dropout_p, backend
     fwd_args = (q, k, v, cu_q, cu_k, 9, 7, slopes, seed, *options)
     torch.library.opcheck(torch.ops.fastattn.varlen_attention_fwd.default, fwd_args)
@@ -360,3 +361,73 @@ def test_tile_edges_every_residue(case, monkeypatch):
     monkeypatch.setenv(CONFIG_ENV, f"BLOCK_M={EDGE_BLOCK},BLOCK_N={EDGE_BLOCK}")
     window, offsets = EDGE_CASES[case]
     check_varlen([16] * len(offsets), [16 + offset for offset in offsets], 1, 1, 16, window_size=window)
+
+
+# ----------------------------------------------------------------------------- issue 14: offsets, host syncs
+
+
+def test_row_offsets_past_int32_are_computed_in_int64(tmp_path):
+    """Packed q, k, v, dout whose row stride times the row index inside a sequence passes
+    2**31 elements (long packed sequences): forward and backward give bitwise what
+    contiguous copies give."""
+    lengths_q, lengths_k, h, hk, d = [40, 3], [36, 5], 2, 1, 16
+    total_q, total_k = sum(lengths_q), sum(lengths_k)
+    row = 2**26 + 16  # elements from one row to the next: rows 32 and on lie past 2**31
+    storage = sparse_storage(tmp_path, max(total_q, total_k) * row, DEVICE)
+    q = storage.as_strided((total_q, h, d), (row, d, 1), 0)
+    k = storage.as_strided((total_k, hk, d), (row, d, 1), h * d)
+    v = storage.as_strided((total_k, hk, d), (row, d, 1), (h + hk) * d)
+    dout = storage.as_strided((total_q, h, d), (row, d, 1), (h + 2 * hk) * d)
+    for t in (q, k, v, dout):
+        t.copy_(torch.randn(t.shape))
+    cu_q, cu_k = _cu(lengths_q), _cu(lengths_k)
+
+    def run(q_, k_, v_, dout_):
+        leaves = [t.detach().requires_grad_() for t in (q_, k_, v_)]
+        out, lse = fastattn.varlen_attention(*leaves, cu_q, cu_k, 40, 36, causal=True, return_lse=True,
+                                             backend="triton")
+        return (out, lse, *torch.autograd.grad(out, leaves, dout_))
+
+    got = run(q, k, v, dout)
+    expected = run(*(t.contiguous() for t in (q, k, v, dout)))
+    for name, a, e in zip(("out", "lse", "dq", "dk", "dv"), got, expected):
+        assert torch.equal(a, e), name
+
+
+@pytest.fixture
+def no_host_reads(monkeypatch):
+    """Tensor.item, tolist, __int__, __bool__, __float__ and __index__ raise: any read of a
+    tensor's data back to the host (a device sync on a GPU) fails the test."""
+    def forbidden(self, *args, **kwargs):
+        raise AssertionError("a tensor was read back to the host")
+
+    for name in ("item", "tolist", "__int__", "__bool__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+
+
+def test_triton_path_reads_nothing_back_from_the_device(no_host_reads):
+    """The registered varlen ops on the Triton backend, forward and backward through
+    autograd with dropout, softcap, ALiBi and a window, never read a tensor back."""
+    lengths_q, lengths_k = [5, 0, 21], [9, 4, 17]
+    q, k, v = (t.requires_grad_() for t in _packed(lengths_q, lengths_k, 2, 1, 16))
+    state = torch.zeros(2, dtype=torch.int64, device=DEVICE)  # a dropout draw: (Philox key, counter offset)
+    out, lse = torch.ops.fastattn.varlen_attention_fwd(q, k, v, _cu(lengths_q), _cu(lengths_k), 21, 17, U(2),
+                                                       state, 0.3, 6, 0, 4.0, 0.2, "triton")
+    (out.sum() + _finite(lse).sum()).backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
+
+
+@pytest.mark.gpu
+def test_gpu_varlen_attention_reads_nothing_back_unless_debugging(no_host_reads, monkeypatch):
+    """fastattn.varlen_attention on CUDA tensors reads nothing back, forward and backward
+    (the values of cu_seqlens go unchecked); with FASTATTN_DEBUG=1 it checks them."""
+    lengths_q, lengths_k = [5, 0, 21], [9, 4, 17]
+    q, k, v = (t.requires_grad_() for t in _packed(lengths_q, lengths_k, 2, 1, 64, device="cuda"))
+    out = fastattn.varlen_attention(q, k, v, _cu(lengths_q, "cuda"), _cu(lengths_k, "cuda"), 21, 17, causal=True,
+                                    dropout_p=0.1, backend="triton")
+    out.backward(torch.ones_like(out))
+    monkeypatch.undo()
+    monkeypatch.setenv("FASTATTN_DEBUG", "1")
+    with pytest.raises(ValueError, match="non-decreasing"):
+        fastattn.varlen_attention(q, k, v, torch.tensor([0, 9, 5, 26], dtype=torch.int32, device="cuda"),
+                                  _cu(lengths_k, "cuda"), 21, 17, backend="triton")

@@ -63,11 +63,16 @@ def is_placeholder(t: Optional[Tensor]) -> bool:
     return t is None or t.numel() == 0 and t.dim() == 1
 
 
-def draw_rng_seed() -> Tensor:
-    """A fresh 63-bit seed from torch's default CPU generator (torch.manual_seed
-    reproduces it), as a (1,) int64 tensor so torch.compile can trace it."""
-    return torch.randint(0, 2**62, (1,), dtype=torch.int64)
+def draw_rng_seed(device=None) -> Tensor:
+    """The dropout state of one call: a (2,) int64 tensor (Philox key, counter offset) on
+    `device` (default CPU), drawn by torch's generator of that device (torch.manual_seed
+    reproduces it). A tensor on the device: the Triton kernels read it there, so it
+    never forks a compile, and a CUDA graph replays the draw, giving each replay its
+    own mask."""
+    return torch.randint(0, 2**62, (2,), dtype=torch.int64, device=device)
 
 
 def seeded_generator(rng_seed: Tensor, device: torch.device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(int(rng_seed.item()))
+    """A generator on `device` seeded from the (2,) dropout state (reads it back to the host)."""
+    seed, offset = (int(value) for value in rng_seed.tolist())
+    return torch.Generator(device=device).manual_seed((seed ^ (offset << 1)) % 2**63)

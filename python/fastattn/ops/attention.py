@@ -10,6 +10,11 @@ Registered ops (the one dispatch point for every backend):
 Masking is one rule (see reference.py): key j is visible from query i iff
 i + off - window_left <= j <= i + off + window_right, off = sk - sq (bottom-right,
 attention()) or 0 (top-left, scaled_dot_product_attention()); causal = window_right 0.
+
+rng_seed (given when dropout_p > 0) is the dropout state of the call, a (2,) int64
+tensor (Philox key, counter offset) on q's device, drawn by a torch RNG op on that
+device (_common.draw_rng_seed): the Triton kernels load it, so it forks no compile and a
+CUDA graph replay draws a new mask; the backward replays the forward's mask from it.
 """
 
 from __future__ import annotations
@@ -393,7 +398,7 @@ def _run(q, k, v, bias, slopes, scale, window_left, window_right, top_left, soft
     call = AttentionCall(q.dtype, q.shape[-1], v.shape[-1], bias is not None, softcap, dropout_p,
                          return_lse, has_alibi=slopes is not None)
     name = BACKENDS.resolve(backend, q.device, call)
-    rng_seed = draw_rng_seed() if dropout_p > 0 else None
+    rng_seed = draw_rng_seed(q.device) if dropout_p > 0 else None
     out, lse = attention_fwd(q, k, v, bias, slopes, rng_seed, scale, window_left, window_right,
                              top_left, float(softcap), float(dropout_p), name)
     return (out, lse) if return_lse else out
