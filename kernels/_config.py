@@ -1,9 +1,11 @@
-"""Autotune spaces of the Triton kernels, one delimited section per op.
+"""Launch configs of the Triton kernels: the one source of truth for tile sizes, warps
+and stages, one delimited section per op after a common one.
 
-Each section builds its space from a product, prunes it with a keep() filter, keys the
-tuning on shape arguments only, and reads an environment variable
-FASTATTN_<OP>_CONFIG that pins one config (tests; the interpreter uses a fixed small
-config without tuning).
+Each section holds a default table (one config per GPU family, kernel, dtype and size
+bucket: what every launch uses, so that a first call compiles one variant), the small
+autotune space that FASTATTN_AUTOTUNE=1 searches instead (at most 8 configs per key,
+pruned by a keep() filter), the interpreter's small config (CPU tests), and the
+FASTATTN_<OP>_CONFIG variable that pins keys over the default (tests).
 """
 
 from __future__ import annotations
@@ -44,17 +46,29 @@ def autotune_enabled() -> bool:
 
 
 def target_arch(device=None) -> int:
-    """Compute capability as major*10 + minor (90 for an H100/H200) of `device` (a torch
-    device, or None for the current one), or FASTATTN_TRITON_ARCH when set."""
+    """The compute capability (major*10 + minor: 90 for an H100/H200) whose configs and
+    limits a call on `device` gets: FASTATTN_TRITON_ARCH when set; else 90 for tensors
+    off the GPU (the interpreter's CPU tensors and the stand-ins of tests, whose configs
+    are never compiled for a GPU); else the CUDA device's (None: the current one)."""
     text = os.environ.get(TARGET_ARCH_ENV, "").strip()
     if text:
         if not text.isdigit() or int(text) < 80:
             raise ValueError(f"{TARGET_ARCH_ENV} must be a compute capability like 80 or 90 (>= 80); got {text!r}")
         return int(text)
+    if device is not None and getattr(device, "type", "cuda") != "cuda":
+        return 90
     import torch
 
     major, minor = torch.cuda.get_device_capability(device)
     return 10 * major + minor
+
+
+def shared_memory_per_block(arch: int) -> int:
+    """Bytes of shared memory one block may use on compute capability `arch` (the opt-in
+    maximum): 227 KB on sm_90 and sm_100, 163 KB on sm_80 and sm_87, 99 KB on sm_86,
+    sm_89 and sm_120 (and any other)."""
+    kb = {80: 163, 87: 163, 90: 227, 100: 227, 103: 227}.get(arch, 99)
+    return kb * 1024
 
 
 def arch_family(arch: int) -> str:
@@ -293,22 +307,6 @@ FFN_MIN_STAGES = 2
 _FFN_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
 
 
-def shared_memory_per_block(arch: int) -> int:
-    """Bytes of shared memory one block may use on compute capability `arch` (the opt-in
-    maximum): 227 KB on sm_90 and sm_100, 163 KB on sm_80 and sm_87, 99 KB on sm_86,
-    sm_89 and sm_120 (and any other)."""
-    kb = {80: 163, 87: 163, 90: 227, 100: 227, 103: 227}.get(arch, 99)
-    return kb * 1024
-
-
-def arch_of(device) -> int:
-    """The compute capability whose defaults and limits a call on `device` gets:
-    FASTATTN_TRITON_ARCH or the CUDA device's (target_arch); 90 under the interpreter and
-    for CPU or meta stand-in tensors (whose configs are not compiled for a GPU)."""
-    stand_in = getattr(device, "type", "cuda") != "cuda" and not os.environ.get(TARGET_ARCH_ENV, "").strip()
-    return 90 if interpreted() or stand_in else target_arch(device)
-
-
 def ffn_accumulators(kernel: str) -> int:
     """(BLOCK_M, BLOCK_N) fp32 accumulators kernel `kernel` holds (and B tiles it streams)."""
     if kernel not in FFN_CONFIG_CLASS:
@@ -355,7 +353,7 @@ def ffn_prune(kernel: str):
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         operand = next(v for v in args.values() if hasattr(v, "element_size"))
-        arch = arch_of(operand.device)
+        arch = target_arch(operand.device)
         max_m = max(FFN_SMALL_M, triton.next_power_of_2(args["M"]))
         kept = [
             c for c in configs
@@ -413,14 +411,14 @@ def ffn_launch_config(kernel: str, device, dtype, M: int) -> Optional[dict]:
     """The config of one launch of `kernel` with operands of `dtype` on `device` and an
     output of M rows: the pinned keys over the default, None to autotune
     (FASTATTN_AUTOTUNE=1, nothing pinned), the interpreter's config, or the default of
-    the device's architecture (arch_of)."""
+    the device's architecture (target_arch)."""
     pinned = ffn_pinned_config()
     if pinned is None and autotune_enabled():
         return None
     if interpreted():
         config = dict(FFN_INTERPRETER_CONFIG)
     else:
-        config = ffn_default(kernel, arch_of(device), dtype, M)
+        config = ffn_default(kernel, target_arch(device), dtype, M)
     config.update(pinned or {})
     return config
 
@@ -617,11 +615,7 @@ def attention_prune(kind: str):
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         q = args["Q"]
-        if q.device.type == "cuda" or os.environ.get(TARGET_ARCH_ENV, "").strip():
-            arch = target_arch(q.device)
-        else:
-            arch = 90
-        return attention_autotune_configs(arch, kind, q.dtype, args["BLOCK_D"], args["BLOCK_DV"],
+        return attention_autotune_configs(target_arch(q.device), kind, q.dtype, args["BLOCK_D"], args["BLOCK_DV"],
                                           bool(args.get("causal", 0)), args["seqlen_q"], args["seqlen_k"])
 
     return prune
@@ -769,7 +763,7 @@ def decode_attention_prune(configs, named_args, **kwargs):
     tiles no longer than a split (keeps at least one config)."""
     args = {**named_args, **kwargs}
     element_size = args["Q"].element_size()
-    arch = arch_of(args["Q"].device)
+    arch = target_arch(args["Q"].device)
     block_m, block_d, block_dv = args["BLOCK_M"], args["BLOCK_D"], args["BLOCK_DV"]
     fits = [c for c in configs
             if decode_attention_keep(block_m, c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, block_d, block_dv,
@@ -848,6 +842,6 @@ def decode_attention_launch_config(device, dtype, block_m: int, block_d: int, bl
     if interpreted():
         config = dict(DECODE_ATTENTION_INTERPRETER_CONFIG)
     else:
-        config = decode_attention_default(arch_of(device), dtype, block_m, block_d, block_dv)
+        config = decode_attention_default(target_arch(device), dtype, block_m, block_d, block_dv)
     config.update(pinned)
     return num_splits, config

@@ -567,7 +567,7 @@ def _launch(name: str, M: int, N: int, **args) -> None:
     operand = next(iter(args.values()))  # every launch passes its A operand first
     config = _config.ffn_launch_config(name, operand.device, operand.dtype, M)
     if config is None:
-        family = _config.arch_family(_config.arch_of(operand.device))
+        family = _config.arch_family(_config.target_arch(operand.device))
         _autotuned(name, family)[grid](M=M, N=N, TUNE_KEY=_tune_key(M, N, args["K"]), **args)
     else:
         _KERNELS[name][grid](M=M, N=N, TUNE_KEY=0, **args, **config)

@@ -188,7 +188,7 @@ def test_pinned_config_variable(monkeypatch):
     pinned = _config.ffn_pinned_config()
     assert pinned == {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 1}
     base = (dict(_config.FFN_INTERPRETER_CONFIG) if _config.interpreted()
-            else _config.ffn_default("fwd", _config.arch_of(TRITON_DEVICE), torch.float32, 33))
+            else _config.ffn_default("fwd", _config.target_arch(TRITON_DEVICE), torch.float32, 33))
     assert _config.ffn_launch_config("fwd", TRITON_DEVICE, torch.float32, 33) == {**base, **pinned}
     check_against_reference(OP, make_inputs(33, 40, 96, 40, device=TRITON_DEVICE), torch.float32, "triton", "gelu")
     for bad in ("BLOCK_M=48", "BLOCK_M=8", "BLOCK_Q=16", "num_warps=0", "BLOCK_M"):
