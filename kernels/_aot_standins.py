@@ -101,6 +101,8 @@ class _CudaOnMeta(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.device:  # a device object names cuda as on a GPU machine
+            return func(*args, **kwargs)
         if func in _HOST_READS:
             return self._host_read(func, args, kwargs)
         if getattr(func, "__self__", None) is torch._C.TensorBase.is_cuda and args[0].is_meta:
@@ -118,7 +120,7 @@ class _CudaOnMeta(TorchFunctionMode):
             result = self._on_values(func, args, kwargs)
             if result is not None:
                 return result
-        to_meta = lambda x: _META if _is_cuda_device(x) else x  # noqa: E731
+        to_meta = lambda x: ("meta" if isinstance(x, str) else _META) if _is_cuda_device(x) else x  # noqa: E731
         out = func(*tree_map(to_meta, args), **tree_map(to_meta, kwargs))
         return tree_map(lambda x: _CUDA if isinstance(x, torch.device) and x.type == "meta" else x, out)
 

@@ -111,13 +111,30 @@ def _ptxas_verbose(ptx: str, arch: int) -> str:
     return done.stderr
 
 
+def _expected_cost(variant) -> tuple:
+    """Sort key putting the slow compiles (attention backward, wide heads) first, so that
+    the pool does not end on one long compile."""
+    order = ("bwd_dkdv", "bwd_dbias", "bwd_dq", "attention_fwd", "decode_attention_fwd", "gated", "ffn")
+    rank = next((i for i, part in enumerate(order) if part in variant.kernel), len(order))
+    width = max([v for (i,), v in variant.constexprs.items() if variant.fn.arg_names[i] in ("BLOCK_D", "BLOCK_N")
+                 and isinstance(v, int)] or [0])
+    return rank, -width
+
+
 def compile_all(variants: list, arch: int, jobs: int) -> list:
-    """Results of _compile for each variant, compiled by `jobs` forked processes."""
-    _JOBS[:] = [(variant, arch) for variant in variants]
+    """Results of _compile for each variant (in the given order), compiled by `jobs`
+    forked processes."""
+    order = sorted(range(len(variants)), key=lambda i: _expected_cost(variants[i]))
+    _JOBS[:] = [(variants[i], arch) for i in order]
     if jobs <= 1 or len(variants) <= 1:
-        return [_compile(i) for i in range(len(variants))]
-    with multiprocessing.get_context("fork").Pool(jobs) as pool:
-        return pool.map(_compile, range(len(variants)), chunksize=1)
+        done = [_compile(i) for i in range(len(order))]
+    else:
+        with multiprocessing.get_context("fork").Pool(jobs) as pool:
+            done = pool.map(_compile, range(len(order)), chunksize=1)
+    results = [None] * len(variants)
+    for position, index in enumerate(order):
+        results[index] = done[position]
+    return results
 
 
 def failures(result: dict, arch: int) -> list:
@@ -145,12 +162,15 @@ def table_rows(variants: list, results: list) -> dict:
     return rows
 
 
-def write_table(path: Path, rows: dict, arch: int, matrix: str) -> None:
+def write_table(path: Path, rows: dict, arch: int) -> None:
     import triton
 
-    lines = [f"# Triton {triton.__version__} for sm_{arch}, matrix {matrix}: registers, spill bytes and shared "
-             f"memory per kernel variant.",
-             f"# Regenerate: python -m fastattn.kernels.aot --arch {arch} --matrix {matrix} --write",
+    settings = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items())
+                        if k.startswith("FASTATTN_") and (k.endswith("_CONFIG") or k == "FASTATTN_AUTOTUNE"))
+    lines = [f"# Triton {triton.__version__}, sm_{arch}, matrix all: registers, spill bytes and shared memory per "
+             f"kernel variant, and the SASS tensor-core instructions (wgmma = HGMMA, mma = HMMA).",
+             f"# Regenerate: python -m fastattn.kernels.aot --arch {arch} --write"
+             + (f"   (run with {settings})" if settings else ""),
              "\t".join(TABLE_HEADER)]
     path.write_text("\n".join(lines + [rows[name] for name in sorted(rows)]) + "\n")
 
@@ -193,8 +213,9 @@ def _parse(argv):
     parser = argparse.ArgumentParser(prog="python -m fastattn.kernels.aot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, choices=sorted(SHARED_MEMORY_LIMIT), default=90,
                         help="compute capability to compile for (default 90)")
-    parser.add_argument("--matrix", choices=sorted(_aot_cases.MATRICES), default="all",
-                        help="the named case matrix (kernels/_aot_cases.py; default all)")
+    parser.add_argument("--matrix", default="all",
+                        help=f"the named case matrix: {', '.join(_aot_cases.MATRICES)} (kernels/_aot_cases.py; "
+                             f"default all); with --count, several comma-separated")
     parser.add_argument("--only", default="", help="comma-separated ops to keep (e.g. attention,ffn)")
     parser.add_argument("--dtype", default="", help="comma-separated dtypes to keep (e.g. float16)")
     parser.add_argument("--count", action="store_true", help="print the number of distinct variants, compile nothing")
@@ -208,15 +229,11 @@ def _parse(argv):
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    os.environ.pop("TRITON_INTERPRET", None)  # before the kernels are imported
-    args = _parse(argv)
-    if args.autotune:
-        os.environ["FASTATTN_AUTOTUNE"] = "1"
-    _require_compiled_kernels()
+def _enumerate(matrix: str, args):
+    """The variants of one matrix (filtered by --only / --dtype), with a summary printed."""
     from . import _aot_cases, _aot_record
 
-    cases = _aot_cases.matrix(args.matrix)
+    cases = _aot_cases.matrix(matrix)
     if args.only:
         cases = [c for c in cases if c.op in args.only.split(",")]
     if args.dtype:
@@ -225,19 +242,40 @@ def main(argv=None) -> int:
     found = _aot_record.enumerate_variants(cases, args.arch)
     variants = list(found.variants.values())
     tuned = sum(v.autotuned for v in variants)
-    print(f"{len(variants)} distinct Triton kernel variants for sm_{args.arch} (matrix {args.matrix}, "
-          f"{len(cases)} cases, {found.launches} launches, {tuned} from autotune config lists; "
-          f"{time.perf_counter() - start:.1f} s)")
+    print(f"{len(variants)} distinct Triton kernel variants for sm_{args.arch} (matrix {matrix}, {len(cases)} cases, "
+          f"{found.launches} launches, {tuned} from autotune config lists; {time.perf_counter() - start:.1f} s)")
     for kernel, n in sorted(Counter(v.kernel for v in variants).items()):
         print(f"  {n:5d}  {kernel}")
     for case, message in found.errors:
         print(f"ERROR  {case}: {message}")
     if args.list:
         for variant in variants:
-            print(f"{variant.name}\t<- {variant.cases[0]}" + (f" (+{len(variant.cases) - 1})" if len(variant.cases) > 1
-                                                                else ""))
+            more = f" (+{len(variant.cases) - 1} more)" if len(variant.cases) > 1 else ""
+            print(f"{variant.name}\t<- {variant.cases[0]}{more}")
+    return found, variants
+
+
+def main(argv=None) -> int:
+    os.environ.pop("TRITON_INTERPRET", None)  # before the kernels are imported
+    args = _parse(argv)
+    if args.autotune:
+        os.environ["FASTATTN_AUTOTUNE"] = "1"
+    _require_compiled_kernels()
+    from . import _aot_cases
+
+    matrices = args.matrix.split(",")
+    unknown = [m for m in matrices if m not in _aot_cases.MATRICES]
+    if unknown or (len(matrices) > 1 and not args.count):
+        print(f"--matrix takes one of {', '.join(_aot_cases.MATRICES)} (several, comma-separated, only with "
+              f"--count); got {args.matrix!r}")
+        return 2
     if args.count:
-        return 1 if found.errors else 0
+        return 1 if any(_enumerate(matrix, args)[0].errors for matrix in matrices) else 0
+    whole = args.matrix == "all" and not args.only and not args.dtype
+    if args.write and not whole:
+        print("--write rewrites the whole table: run it on the `all` matrix without --only / --dtype")
+        return 2
+    found, variants = _enumerate(args.matrix, args)
 
     with tempfile.TemporaryDirectory(prefix="fastattn-aot-") as scratch:
         os.environ["TRITON_CACHE_DIR"] = args.cache_dir or scratch
@@ -263,14 +301,13 @@ def main(argv=None) -> int:
     path = Path(args.table) if args.table else default_table(args.arch)
     rows = table_rows(variants, results)
     if args.write:
-        write_table(path, rows, args.arch, args.matrix)
+        write_table(path, rows, args.arch)
         print(f"wrote {path} ({len(rows)} rows)")
     if args.check:
         if not path.exists():
             print(f"CHECK  no table at {path} (write it with --write)")
             return 1
-        problems = compare_table(read_table(path), rows, complete=args.matrix == "all" and not args.only
-                                 and not args.dtype)
+        problems = compare_table(read_table(path), rows, complete=whole)
         for problem in problems:
             print(f"CHECK  {problem}")
         if problems:
