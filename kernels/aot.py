@@ -85,7 +85,7 @@ def _compile(index: int) -> dict:
     ptxas = log.getvalue()
     if "Used" not in ptxas:  # taken from the Triton cache: ptxas did not run
         ptxas = _ptxas_verbose(kernel.asm["ptx"], arch)
-    sass = kernel.asm["sass"]
+    sass = _sass(kernel.asm["cubin"])
     mma = "wgmma" if "HGMMA" in sass else "mma" if "HMMA" in sass else "-"
     return {"regs": _number(r"Used (\d+) registers", ptxas), "spill_stores": _number(r"(\d+) bytes spill stores", ptxas),
             "spill_loads": _number(r"(\d+) bytes spill loads", ptxas), "smem": kernel.metadata.shared, "mma": mma,
@@ -97,6 +97,17 @@ def _number(pattern: str, text: str) -> int:
     if found is None:
         raise RuntimeError(f"no {pattern!r} in the ptxas log:\n{text}")
     return int(found.group(1))
+
+
+def _sass(cubin: bytes) -> str:
+    """The cubin's SASS as cuobjdump (bundled with Triton) prints it."""
+    from triton import knobs
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as binary:
+        binary.write(cubin)
+        binary.flush()
+        return subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", binary.name], capture_output=True, text=True,
+                              check=True).stdout
 
 
 def _ptxas_verbose(ptx: str, arch: int) -> str:
