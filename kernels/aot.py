@@ -32,8 +32,11 @@ import argparse
 import contextlib
 import io
 import multiprocessing
+import multiprocessing.connection
 import os
 import re
+import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -132,16 +135,49 @@ def _expected_cost(variant) -> tuple:
     return rank, -width
 
 
-def compile_all(variants: list, arch: int, jobs: int) -> list:
-    """Results of _compile for each variant (in the given order), compiled by `jobs`
-    forked processes."""
+def _compile_in_child(index: int, connection, cpu_limit: int) -> None:
+    """Forked worker: compile one variant within cpu_limit CPU seconds (ptxas, which
+    inherits the limit, as well), in its own process group, and send back the result."""
+    os.setpgrp()
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu_limit, cpu_limit + 5))
+    result = _compile(index)
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    result["cpu_seconds"] = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    connection.send(result)
+    connection.close()
+
+
+def compile_all(variants: list, arch: int, jobs: int, cpu_limit: int) -> list:
+    """Results of _compile for each variant (in the given order), one forked process per
+    compile, `jobs` at a time; a compile over cpu_limit CPU seconds is a failure."""
     order = sorted(range(len(variants)), key=lambda i: _expected_cost(variants[i]))
     _JOBS[:] = [(variants[i], arch) for i in order]
-    if jobs <= 1 or len(variants) <= 1:
-        done = [_compile(i) for i in range(len(order))]
-    else:
-        with multiprocessing.get_context("fork").Pool(jobs) as pool:
-            done = pool.map(_compile, range(len(order)), chunksize=1)
+    context = multiprocessing.get_context("fork")
+    pending, running, done = list(range(len(order))), {}, {}
+    while pending or running:
+        while pending and len(running) < max(1, jobs):
+            position = pending.pop(0)
+            receive, send = context.Pipe(duplex=False)
+            process = context.Process(target=_compile_in_child, args=(position, send, cpu_limit))
+            process.start()
+            send.close()
+            running[position] = (process, receive, time.perf_counter())
+        ready = multiprocessing.connection.wait([receive for _, receive, _ in running.values()])
+        for position, (process, receive, start) in list(running.items()):
+            if receive not in ready:
+                continue
+            try:
+                done[position] = receive.recv()
+            except EOFError:
+                process.join()
+                over = process.exitcode in (-signal.SIGXCPU, -signal.SIGKILL)
+                done[position] = {"error": f"compile took over {cpu_limit} CPU seconds" if over else
+                                  f"compile process died (exit {process.exitcode})",
+                                  "seconds": time.perf_counter() - start}
+            process.join()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)  # a ptxas left behind
+            del running[position]
     results = [None] * len(variants)
     for position, index in enumerate(order):
         results[index] = done[position]
@@ -232,6 +268,8 @@ def _parse(argv):
     parser.add_argument("--count", action="store_true", help="print the number of distinct variants, compile nothing")
     parser.add_argument("--list", action="store_true", help="print every variant and the first case launching it")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: all cores)")
+    parser.add_argument("--cpu-limit", type=int, default=300,
+                        help="CPU seconds one compile may take before it counts as failed (default 300)")
     parser.add_argument("--cache-dir", default="", help="Triton cache directory (default: a fresh temporary one)")
     parser.add_argument("--autotune", action="store_true", help="FASTATTN_AUTOTUNE=1: compile the autotune spaces")
     parser.add_argument("--table", default="", help="the committed table (default benchmarks/triton_sm<arch>.tsv)")
@@ -291,16 +329,19 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="fastattn-aot-") as scratch:
         os.environ["TRITON_CACHE_DIR"] = args.cache_dir or scratch
         start = time.perf_counter()
-        results = compile_all(variants, args.arch, args.jobs)
+        results = compile_all(variants, args.arch, args.jobs, args.cpu_limit)
     seconds = time.perf_counter() - start
     failed = 0
-    print("\t".join(TABLE_HEADER + ("seconds", "check")))
+    print("\t".join(TABLE_HEADER + ("cpu_s", "check")))
     for variant, result in sorted(zip(variants, results), key=lambda vr: vr[0].name):
         reasons = failures(result, args.arch)
         failed += bool(reasons)
         values = [str(result.get(k, "-")) for k in TABLE_HEADER[1:]]
-        print("\t".join([variant.name] + values + [f"{result['seconds']:.1f}", "; ".join(reasons) or "ok"]))
-    print(f"compiled {len(variants)} variants in {seconds:.0f} s with {args.jobs} jobs; {failed} fail the check "
+        cpu = f"{result.get('cpu_seconds', result['seconds']):.1f}"
+        print("\t".join([variant.name] + values + [cpu, "; ".join(reasons) or "ok"]))
+    cpu = sum(r.get("cpu_seconds", r["seconds"]) for r in results)
+    print(f"compiled {len(variants)} variants in {seconds:.0f} s ({cpu:.0f} CPU seconds) with {args.jobs} jobs; "
+          f"{failed} fail the check "
           f"(compile error, spills, or shared memory > {SHARED_MEMORY_LIMIT[args.arch]} B)")
     forward = [r["mma"] for v, r in zip(variants, results) if v.kernel == "attention_fwd" and v.dtype != "fp32"
                and "error" not in r]
