@@ -87,7 +87,7 @@ def _compile(index: int) -> dict:
                 "seconds": time.perf_counter() - start}
     ptxas = log.getvalue()
     if "Used" not in ptxas:  # taken from the Triton cache: ptxas did not run
-        ptxas = _ptxas_verbose(kernel.asm["ptx"], arch)
+        ptxas = _ptxas_verbose(kernel.asm["ptx"], arch, variant.options)
     sass = _sass(kernel.asm["cubin"])
     mma = "wgmma" if "HGMMA" in sass else "mma" if "HMMA" in sass else "-"
     return {"regs": _number(r"Used (\d+) registers", ptxas), "spill_stores": _number(r"(\d+) bytes spill stores", ptxas),
@@ -113,15 +113,18 @@ def _sass(cubin: bytes) -> str:
                               check=True).stdout
 
 
-def _ptxas_verbose(ptx: str, arch: int) -> str:
+def _ptxas_verbose(ptx: str, arch: int, options: dict) -> str:
+    """ptxas -v's report for `ptx`, with the flags Triton's make_cubin passes."""
     from triton import knobs
 
+    flags = ["-lineinfo", "-v"] + ([] if options["enable_fp_fusion"] else ["--fmad=false"])
+    flags += options["ptx_options"].split(" ") if options.get("ptx_options") else []
     suffix = "a" if arch == 90 else ""
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as source:
         source.write(ptx)
         source.flush()
-        done = subprocess.run([knobs.nvidia.ptxas.path, "-v", f"--gpu-name=sm_{arch}{suffix}", source.name,
-                               "-o", os.devnull], capture_output=True, text=True, check=True)
+        done = subprocess.run([knobs.nvidia.ptxas.path, *flags, f"--gpu-name=sm_{arch}{suffix}", source.name, "-o",
+                               os.devnull], capture_output=True, text=True, check=True)
     return done.stderr
 
 
