@@ -176,7 +176,7 @@ def compile_all(variants: list, arch: int, jobs: int, cpu_limit: int) -> list:
                 over = process.exitcode in (-signal.SIGXCPU, -signal.SIGKILL)
                 done[position] = {"error": f"compile took over {cpu_limit} CPU seconds" if over else
                                   f"compile process died (exit {process.exitcode})",
-                                  "seconds": time.perf_counter() - start}
+                                  "seconds": time.perf_counter() - start, "cpu_seconds": cpu_limit if over else 0.0}
             process.join()
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)  # a ptxas left behind
