@@ -10,7 +10,8 @@ GPU test passes real ones. MATRICES names the lists:
 
     all        the compile check: every op, fp16/bf16 (fp32 where the op takes it), head
                dims 64/96/128/256, each option constexpr on its own, and `ci`
-    smoke      the GPU run's correctness smoke shapes and quick benchmark shapes (issue 15)
+    smoke      the GPU run's correctness smoke shapes and quick benchmark shapes (issue 15:
+               smoke_correctness_cases() + quick_benchmark_cases())
     gpu-tests  an approximation of the gpu-marked tests in tests/test_*.py (see _gpu_tests)
     ci         the part of `all` the CI compile check affords: each kernel's heaviest
                constexpr combinations at head dims 128 and 256
@@ -272,9 +273,9 @@ def _all():
     return cases + [c for c in _ci() if c not in cases]
 
 
-def _smoke():
-    """Issue 15: stage 2's correctness smoke shapes (each op x fp16/bf16, forward and
-    backward) and stage 3's quick benchmark shapes (bf16)."""
+def smoke_correctness_cases():
+    """The GPU run's correctness smoke (issue 15, stage 2): each op x fp16/bf16, forward
+    and backward, at 2-3 representative shapes."""
     cases = []
     for dtype in HALF:
         for d, causal in ((64, False), (64, True), (128, False), (128, True), (256, True)):
@@ -294,6 +295,12 @@ def _smoke():
                 cases.append(case(op, dtype, rows=4096, hidden=hidden, residual=True, prenorm=True))
         cases.append(case("ffn", dtype, tokens=1024, d_model=1024, d_hidden=4096))
         cases.append(case("gated_ffn", dtype, tokens=1024, d_model=1024, d_hidden=4096))
+    return cases
+
+
+def quick_benchmark_cases():
+    """The GPU run's quick benchmark shapes (issue 15, stage 3), bf16, forward and backward."""
+    cases = []
     dtype = "bfloat16"
     for d in (64, 128):
         for seqlen in (1024, 4096, 16384):
@@ -416,7 +423,8 @@ def _ci():
     return cases
 
 
-MATRICES = {"all": _all, "smoke": _smoke, "gpu-tests": _gpu_tests, "ci": _ci}
+MATRICES = {"all": _all, "smoke": lambda: smoke_correctness_cases() + quick_benchmark_cases(), "gpu-tests": _gpu_tests,
+            "ci": _ci}
 
 
 def matrix(name: str) -> list:

@@ -71,9 +71,11 @@ _JOBS: list = []  # the variants to compile, inherited by the forked workers
 def _compile(index: int) -> dict:
     """Compile variant `index` of _JOBS; its ptxas figures, shared memory and mma kind."""
     import triton
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    knobs.nvidia.dump_ptxas_log = True  # make_cubin prints ptxas -v's report
     variant, arch = _JOBS[index]
     start = time.perf_counter()
     log = io.StringIO()
@@ -90,7 +92,8 @@ def _compile(index: int) -> dict:
         ptxas = _ptxas_verbose(kernel.asm["ptx"], arch, variant.options)
     sass = _sass(kernel.asm["cubin"])
     mma = "wgmma" if "HGMMA" in sass else "mma" if "HMMA" in sass else "-"
-    return {"regs": _number(r"Used (\d+) registers", ptxas), "spill_stores": _number(r"(\d+) bytes spill stores", ptxas),
+    return {"regs": _number(r"Used (\d+) registers", ptxas),
+            "spill_stores": _number(r"(\d+) bytes spill stores", ptxas),
             "spill_loads": _number(r"(\d+) bytes spill loads", ptxas), "smem": kernel.metadata.shared, "mma": mma,
             "seconds": time.perf_counter() - start}
 
