@@ -9,12 +9,12 @@ The variants are found by running the ops themselves on stand-in CUDA tensors
 (kernels/_aot_record.py) over a named case matrix (kernels/_aot_cases.py), with
 FASTATTN_TRITON_ARCH set to the target so that the ops pick that GPU's configs. Each
 distinct variant is compiled with Triton's own compiler and bundled ptxas for
-GPUTarget("cuda", arch, 32), in parallel over --jobs processes, with a fresh Triton
-cache per run unless --cache-dir is given.
+GPUTarget("cuda", arch, 32), one forked process per compile and --jobs at a time, with a
+fresh Triton cache per run unless --cache-dir is given.
 
 The run fails (exit 1) on: a case whose call raises, a grid beyond CUDA's limits, a
-compile error, shared memory above the target's per-block limit (232448 bytes on sm_90,
-166912 on sm_80), or any register spill. It prints a table of registers, spill bytes,
+compile error or a compile over --cpu-limit CPU seconds, shared memory above the target's
+per-block limit (232448 bytes on sm_90, 166912 on sm_80), or any register spill. It prints a table of registers, spill bytes,
 shared memory and the tensor-core instructions in the SASS (wgmma = Hopper's HGMMA, mma
 = HMMA) per variant, and whether the attention forward uses wgmma on sm_90.
 
