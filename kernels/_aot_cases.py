@@ -274,48 +274,53 @@ def _all():
 
 
 def smoke_correctness_cases():
-    """The GPU run's correctness smoke (issue 15, stage 2): each op x fp16/bf16, forward
-    and backward, at 2-3 representative shapes."""
+    """The GPU run's correctness smoke (issue 15, stage 2): fastattn.bench.smoke.SMOKE, the
+    list tests/test_gpu_smoke.py runs, for the triton backend in each of its dtypes,
+    forward and backward."""
+    from fastattn.bench import smoke
+
     cases = []
-    for dtype in HALF:
-        for d, causal in ((64, False), (64, True), (128, False), (128, True), (256, True)):
-            cases.append(case("attention", dtype, batch=2, heads=8, kv_heads=2 if d == 128 else 8, seqlen_q=1024,
-                              head_dim=d, causal=causal))
-        cases.append(case("attention", dtype, batch=2, heads=8, kv_heads=2, seqlen_q=1000, seqlen_k=777,
-                          head_dim=128, causal=True))
-        cases.append(case("varlen_attention", dtype, seqlens_q=(1, 1000, 257, 3000), heads=8, kv_heads=2,
-                          head_dim=128, causal=True))
-        cases.append(case("decode_attention", dtype, False, batch=4, heads=32, kv_heads=4, head_dim=128,
-                          capacity=4096))
-        cases.append(case("decode_attention", dtype, False, batch=4, heads=32, kv_heads=4, head_dim=128,
-                          capacity=4096, page_size=256, seqlens=(1, 300, 4000, 4096)))
-        for op in ("layer_norm", "rms_norm"):
-            for hidden in (4096, 5000):
-                cases.append(case(op, dtype, rows=4096, hidden=hidden))
-                cases.append(case(op, dtype, rows=4096, hidden=hidden, residual=True, prenorm=True))
-        cases.append(case("ffn", dtype, tokens=1024, d_model=1024, d_hidden=4096))
-        cases.append(case("gated_ffn", dtype, tokens=1024, d_model=1024, d_hidden=4096))
+    for entry in smoke.SMOKE:
+        if "triton" not in entry.backends:
+            continue
+        sizes = dict(entry.sizes)
+        for dtype in smoke.DTYPES:
+            if entry.op == "varlen_attention":
+                others = {k: v for k, v in sizes.items() if k != "seqlens"}
+                cases.append(case(entry.op, dtype, seqlens_q=tuple(sizes["seqlens"]), **others))
+            elif entry.op == "decode_attention":
+                lengths = tuple(sizes["cache_seqlens"])
+                cases.append(case(entry.op, dtype, False, batch=len(lengths), heads=sizes["heads"],
+                                  kv_heads=sizes["kv_heads"], q_len=1, head_dim=sizes["head_dim"],
+                                  capacity=sizes["capacity"], page_size=sizes["page_size"] or None, seqlens=lengths))
+            elif entry.op in ("layer_norm", "rms_norm"):
+                cases.append(case(entry.op, dtype, rows=sizes["rows"], hidden=sizes["hidden"],
+                                  residual=sizes["residual"], prenorm=sizes["residual"]))
+            else:
+                cases.append(case(entry.op, dtype, **sizes))
     return cases
 
 
 def quick_benchmark_cases():
-    """The GPU run's quick benchmark shapes (issue 15, stage 3), bf16, forward and backward."""
+    """The GPU run's quick benchmark (issue 15, stage 3: fastattn-bench --preset quick-gpu),
+    bf16, forward and backward: each op's quick-gpu sweep called as its triton provider
+    calls it (norms with prenorm where a residual is fused, FFNs with biases, decode over
+    full caches)."""
+    from fastattn.bench.run import PRESETS
+    from fastattn.bench.specs import get_spec
+
+    preset = PRESETS["quick-gpu"]
     cases = []
-    dtype = "bfloat16"
-    for d in (64, 128):
-        for seqlen in (1024, 4096, 16384):
-            for causal in (False, True):
-                cases.append(case("attention", dtype, batch=16384 // seqlen, heads=2048 // d, seqlen_q=seqlen,
-                                  head_dim=d, causal=causal))
-    for op in ("layer_norm", "rms_norm"):
-        for hidden in (4096, 8192):
-            for residual in (False, True):
-                cases.append(case(op, dtype, rows=32768, hidden=hidden, residual=residual, prenorm=residual))
-    cases.append(case("ffn", dtype, tokens=16384, d_model=4096, d_hidden=16384))
-    cases.append(case("gated_ffn", dtype, tokens=16384, d_model=4096, d_hidden=11008))
-    for batch in (1, 32):
-        cases.append(case("decode_attention", dtype, False, batch=batch, heads=32, kv_heads=4, head_dim=128,
-                          capacity=32768))
+    for op in preset.ops:
+        for shape in get_spec(op).sweep(preset.sweep):
+            if op == "decode_attention":
+                cases.append(case(op, "bfloat16", False, batch=shape["batch"], heads=shape["heads"],
+                                  kv_heads=shape["kv_heads"], q_len=shape["q_len"], head_dim=shape["head_dim"],
+                                  capacity=shape["cache_len"], page_size=shape["page_size"] or None))
+            elif op in ("layer_norm", "rms_norm"):
+                cases.append(case(op, "bfloat16", **shape, prenorm=shape["residual"]))
+            else:
+                cases.append(case(op, "bfloat16", **shape))
     return cases
 
 
