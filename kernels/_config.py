@@ -440,12 +440,13 @@ def ffn_launch_config(kernel: str, device, dtype, M: int) -> Optional[dict]:
 # bytes); fp32 inputs run ieee dots on the FMA units and have small tiles of their own.
 # The sm90 entries compiled for sm_90 without register spills with each of the options
 # (bias, bool mask, dropout, softcap, ALiBi, varlen) at head dims 64, 96, 128 and 256,
-# within its 227 KB of shared memory per block; the sm80 entries compiled for sm_80 within
+# within its 227 KB of shared memory per block (a bias with dropout takes the smaller dK/dV
+# tile of ATTENTION_DEFAULTS_BIAS_AND_DROPOUT); the sm80 entries compiled for sm_80 within
 # 99 KB, the limit of the 8.6 and 8.9 parts, so that one entry serves every 8.x GPU
 # (checked there with bias, dropout, softcap and ALiBi together). `python -m
 # fastattn.kernels.aot` checks them. The exception is fp32 dK/dV at head-dim bucket 256,
 # which spilled about 770 bytes in every tile tried (its ieee dots hold 256-long operand
-# rows in registers; fp32 is the exact path, not the fast one). Seeds: Triton's tutorial
+# rows in registers; fp32 is the exact path, not the fast one; aot.ALLOWED_SPILLS names it). Seeds: Triton's tutorial
 # 06 (forward 128x64) and FlashAttention-2's 8-warp backward; the dK/dV program holds K,
 # V, dK and dV, so its tiles are smaller than the tutorial's 32x128 and it runs
 # unpipelined (num_stages 1): its pipelined 4-warp configs spill. The GPU issues tune
@@ -483,13 +484,20 @@ ATTENTION_DEFAULTS = {
     ("sm80", "dbias"): {64: (32, 64, 8, 1), 128: (64, 32, 8, 1), 256: (32, 16, 8, 1)},
     ("sm80", "dropout_mask"): {64: (64, 64, 4, 1), 128: (64, 64, 4, 1), 256: (64, 64, 4, 1)},
 }
+# the entries that replace ATTENTION_DEFAULTS' when a bias (float or bool) and dropout are
+# both on: their extra registers (the bias tile, the keep bytes) spill sm90's 16x64 dK/dV
+# program at head dims 96-128, so its key tile halves (as FlashAttention-2 takes smaller
+# tiles with dropout at some head dims)
+ATTENTION_DEFAULTS_BIAS_AND_DROPOUT = {
+    ("sm90", "dkdv"): {128: (16, 32, 8, 1)},
+}
 # kind -> {head-dim bucket: config} for fp32 inputs, every family: ieee dots on the FMA
 # units hold whole operand rows in registers, hence the small tiles
 ATTENTION_DEFAULTS_FP32 = {
-    "fwd": {64: (32, 16, 4, 1), 128: (32, 16, 4, 1), 256: (32, 16, 8, 1)},
+    "fwd": {64: (32, 16, 4, 1), 128: (16, 32, 8, 1), 256: (32, 16, 8, 1)},
     "bwd_preprocess": {64: (128, 0, 4, 1), 128: (64, 0, 4, 1), 256: (32, 0, 4, 1)},
     "dkdv": {64: (16, 16, 4, 1), 128: (16, 16, 8, 1), 256: (16, 16, 8, 1)},
-    "dq": {64: (16, 32, 4, 1), 128: (16, 32, 4, 1), 256: (16, 16, 4, 1)},
+    "dq": {64: (16, 32, 4, 1), 128: (16, 32, 8, 1), 256: (16, 16, 4, 1)},
     "dbias": {64: (32, 32, 4, 1), 128: (16, 32, 4, 1), 256: (16, 16, 4, 1)},
     "dropout_mask": {64: (64, 64, 4, 1), 128: (64, 64, 4, 1), 256: (64, 64, 4, 1)},
 }
@@ -525,17 +533,23 @@ def attention_shared_memory(arch: int) -> int:
     return ATTENTION_SHARED_MEMORY.get(arch, ATTENTION_SHARED_MEMORY[86])
 
 
-def attention_default_config(arch: int, kind: str, dtype=None, head_dim: int = 0, causal: bool = False) -> dict:
+def attention_default_config(arch: int, kind: str, dtype=None, head_dim: int = 0, causal: bool = False,
+                             bias_and_dropout: bool = False) -> dict:
     """The table's config of kernel `kind` for compute capability `arch`, inputs of
-    `dtype` (a torch dtype; None for the dropout mask) and max(head_dim, head_dim_v).
+    `dtype` (a torch dtype; None for the dropout mask) and max(head_dim, head_dim_v),
+    with ATTENTION_DEFAULTS_BIAS_AND_DROPOUT's entry when a bias and dropout are both on.
     `causal` is part of the key; the entries do not differ by it yet."""
     if kind not in ATTENTION_KINDS:
         raise ValueError(f"attention kernel kind must be one of {', '.join(ATTENTION_KINDS)}; got {kind!r}")
     bucket = attention_head_dim_bucket(head_dim)
+    family = arch_family(arch)
+    heavy = ATTENTION_DEFAULTS_BIAS_AND_DROPOUT.get((family, kind), {}) if bias_and_dropout else {}
     if dtype is not None and getattr(dtype, "itemsize", 2) == 4:
         entry = ATTENTION_DEFAULTS_FP32[kind][bucket]
+    elif bucket in heavy:
+        entry = heavy[bucket]
     else:
-        entry = ATTENTION_DEFAULTS[(arch_family(arch), kind)][bucket]
+        entry = ATTENTION_DEFAULTS[(family, kind)][bucket]
     config = dict(zip(_ATTENTION_KEYS, entry))
     return {key: config[key] for key in _ATTENTION_KIND_KEYS[kind]}
 
@@ -582,12 +596,12 @@ def attention_configs(kind: str) -> list:
 
 
 def attention_autotune_configs(arch: int, kind: str, dtype, block_d: int, block_dv: int, causal: bool,
-                               seqlen_q: int, seqlen_k: int) -> list:
+                               seqlen_q: int, seqlen_k: int, bias_and_dropout: bool = False) -> list:
     """At most ATTENTION_MAX_TUNE_CONFIGS configs of kernel `kind` worth timing for one
     call: the default entry first, then its neighbours (a tile side halved or doubled,
     num_stages and num_warps one step away) that pass attention_keep on `arch` and are
     no longer than the sequences need."""
-    default = attention_default_config(arch, kind, dtype, max(block_d, block_dv), causal)
+    default = attention_default_config(arch, kind, dtype, max(block_d, block_dv), causal, bias_and_dropout)
     m, n, warps, stages = (default[key] for key in _ATTENTION_KEYS)
     candidates = [(m, n, warps, stages), (m, n * 2, warps, stages), (m, n // 2, warps, stages),
                   (m * 2, n, warps, stages), (m // 2, n, warps, stages), (m, n, warps, stages + 1),
@@ -616,7 +630,8 @@ def attention_prune(kind: str):
         args = {**named_args, **kwargs}
         q = args["Q"]
         return attention_autotune_configs(target_arch(q.device), kind, q.dtype, args["BLOCK_D"], args["BLOCK_DV"],
-                                          bool(args.get("causal", 0)), args["seqlen_q"], args["seqlen_k"])
+                                          bool(args.get("causal", 0)), args["seqlen_q"], args["seqlen_k"],
+                                          attention_bias_and_dropout(args))
 
     return prune
 
@@ -639,7 +654,13 @@ def attention_pinned() -> Optional[dict]:
     return pinned
 
 
-def attention_launch_config(kind: str, device, dtype=None, head_dim: int = 0, causal: bool = False) -> Optional[dict]:
+def attention_bias_and_dropout(args: dict) -> bool:
+    """Whether a launch's arguments switch on a bias (BIAS_KIND) and dropout together."""
+    return bool(args.get("BIAS_KIND", 0)) and bool(args.get("HAS_DROPOUT", False))
+
+
+def attention_launch_config(kind: str, device, dtype=None, head_dim: int = 0, causal: bool = False,
+                            bias_and_dropout: bool = False) -> Optional[dict]:
     """The config of one launch of kernel `kind` for tensors on `device`: the
     interpreter's or the default table's (attention_default_config for the device's
     compute capability), with FASTATTN_ATTENTION_CONFIG's keys on top; None to
@@ -650,7 +671,7 @@ def attention_launch_config(kind: str, device, dtype=None, head_dim: int = 0, ca
     elif pinned is None and kind in ATTENTION_TUNED_KINDS and autotune_enabled():
         return None
     else:
-        config = attention_default_config(target_arch(device), kind, dtype, head_dim, causal)
+        config = attention_default_config(target_arch(device), kind, dtype, head_dim, causal, bias_and_dropout)
     config.update(pinned or {})
     return {key: value for key, value in config.items() if key in _ATTENTION_KIND_KEYS[kind]}
 
@@ -673,8 +694,9 @@ def attention_launch_config(kind: str, device, dtype=None, head_dim: int = 0, ca
 # accumulators (output and score rows) would pass DECODE_ATTENTION_DEFAULT_ACCUMULATORS
 # per thread, and 16-key tiles for fp32 (whose FMA dot holds q, K and the scores in
 # registers; fp32 also takes at most 32 rows per program at head dim 256). The kernel is
-# memory-bound: the sm90 16-bit tiles keep three K/V tiles of 16-32 KB in flight per
-# program; the sm80 ones stay within the 99 KB of sm_86/sm_89; none spills on sm_90 or
+# memory-bound: the sm90 16-bit tiles keep three 16 KB K/V tiles in flight per program at
+# head dims 64 and 128, two at 256 (its 8-warp 3-stage config spilled with paging, softcap
+# and ALiBi on); the sm80 ones stay within the 99 KB of sm_86/sm_89; none spills on sm_90 or
 # sm_80 (benchmarks/NOTES.md). The combine kernel takes decode_attention_combine_config.
 # FASTATTN_AUTOTUNE=1 tunes over DECODE_ATTENTION_AUTOTUNE_SPACE (8 configs, fewer after
 # pruning), keyed on DECODE_ATTENTION_TUNE_KEY (a bucket of the keys per split, the tile
@@ -692,7 +714,7 @@ DECODE_ATTENTION_INTERPRETER_CONFIG = {"BLOCK_N": 16, "num_warps": 4, "num_stage
 DECODE_ATTENTION_DEFAULTS = {
     ("sm90", "16bit", 64): (128, 4, 3),
     ("sm90", "16bit", 128): (64, 4, 3),
-    ("sm90", "16bit", 256): (32, 8, 3),
+    ("sm90", "16bit", 256): (32, 4, 2),
     ("sm90", "fp32", 64): (32, 8, 2),
     ("sm90", "fp32", 128): (32, 8, 2),
     ("sm90", "fp32", 256): (32, 8, 2),

@@ -982,7 +982,7 @@ def _kernel_and_config(kind: str, kernel, args: dict):
     kernel and its config, or the autotuned kernel and no config."""
     q = args["Q"]
     config = _config.attention_launch_config(kind, q.device, q.dtype, max(args["D"], args["DV"]),
-                                             bool(args.get("causal", 0)))
+                                             bool(args.get("causal", 0)), _config.attention_bias_and_dropout(args))
     if config is not None:
         return kernel, config
     if kind not in _AUTOTUNED:

@@ -78,19 +78,22 @@ def _finite(lse):
 
 def _run(fn, tensors, dout, dlse, bias_grad):
     """fn(q, k, v, bias) -> (out, lse or None); returns out, lse and the gradients of
-    <out, dout> + <lse, dlse> (finite part) wrt q, k, v (and bias if bias_grad)."""
+    <out, dout> + <lse, dlse> (finite part) wrt q, k, v (and bias if bias_grad); dout
+    None: out is not used."""
     out, lse = fn(*tensors)
-    loss = (out * dout.to(out.dtype)).sum()
+    loss = 0 if dout is None else (out * dout.to(out.dtype)).sum()
     if lse is not None and dlse is not None:
         loss = loss + (_finite(lse) * dlse).sum()
     wanted = list(tensors[:3]) + ([tensors[3]] if bias_grad else [])
-    return out, lse, torch.autograd.grad(loss, wanted)
+    grads = torch.autograd.grad(loss, wanted, allow_unused=dout is None)  # lse does not depend on v
+    return out, lse, tuple(torch.zeros_like(t) if g is None else g for t, g in zip(wanted, grads))
 
 
 def check_attention(backend, q, k, v, *, attn_bias=None, dtype=torch.float32, with_lse=True,
-                    dropout_mask=None, seed: Optional[int] = None, sdpa=False, **options):
+                    dropout_mask=None, seed: Optional[int] = None, sdpa=False, lse_only_grad=False, **options):
     """One call of fastattn.attention (or scaled_dot_product_attention with sdpa=True)
-    against the float64 reference, output, lse and all gradients. With dropout, `seed`
+    against the float64 reference, output, lse and all gradients (of lse alone, out
+    unused, with lse_only_grad). With dropout, `seed`
     is given to torch.manual_seed right before our call (so that it draws the rng_seed
     `dropout_mask` was made from) and the reference uses `dropout_mask`."""
     bias_grad = attn_bias is not None and attn_bias.is_floating_point()
@@ -117,7 +120,7 @@ def check_attention(backend, q, k, v, *, attn_bias=None, dtype=torch.float32, wi
         return result if with_lse else (result, None)
 
     tensors = (q, k, v, attn_bias)
-    dout = torch.randn(q.shape[:3] + (v.shape[-1],), device=q.device)
+    dout = None if lse_only_grad else torch.randn(q.shape[:3] + (v.shape[-1],), device=q.device)
     dlse = torch.randn(q.shape[:3], device=q.device) if with_lse else None
     ref = _run(reference_fn, _leaves(tensors, torch.float64), dout, dlse, bias_grad)
     naive = _run(reference_fn, _leaves(tensors, dtype), dout, dlse, bias_grad)
@@ -246,6 +249,15 @@ def test_sdpa_top_left_causal_and_gqa(backend, seqlens):
 def test_sdpa_float_mask(backend):
     q, k, v = _inputs(1, 2, 2, 37, 45, 32)
     check_attention(backend, q, k, v, attn_bias=R(1, 1, 37, 45), sdpa=True)
+
+
+@pytest.mark.parametrize("backend", [b for b in HERE_BACKENDS if _serves(b, return_lse=True)])
+def test_gradient_through_lse_alone(backend):
+    """Only lse is used, out is not: autograd hands the backward no dout (the op asks for
+    unmaterialised gradients, so that a call without return_lse reads no zero dlse), and
+    the gradients are lse's alone: dv is zero, dq and dk match the reference."""
+    got = check_attention(backend, *_inputs(1, 2, 1, 37, 45, 64), causal=True, lse_only_grad=True)
+    assert not got[2][2].any()
 
 
 @pytest.mark.parametrize("backend", HERE_BACKENDS)
@@ -827,8 +839,10 @@ def test_launches_take_the_default_table_config(arch, monkeypatch):
     for kind, recorder in recorders.items():
         (_, kwargs), = recorder.launches
         expected = _config.attention_default_config(arch, kind, None if kind == "dropout_mask" else torch.float16,
-                                                    80, True)
+                                                    80, True, bias_and_dropout=True)  # a bias and p = 0.2
         assert {key: kwargs[key] for key in expected} == expected, kind
+        if kind == "dkdv" and arch >= 90:  # the entry that keeps bias + dropout from spilling
+            assert (kwargs["BLOCK_M"], kwargs["BLOCK_N"]) == (16, 32)
         if kind in ("fwd", "dkdv", "dq", "dbias"):
             assert kwargs["FAST_TANH"], "16-bit softcap on a GPU takes tanh.approx.f32"
 
