@@ -199,6 +199,7 @@ class _Ctx:
     def __init__(self, needs_input_grad):
         self.needs_input_grad = needs_input_grad
         self.saved_tensors = ()
+        self.materialize_grads = True
 
     def save_for_backward(self, *tensors):
         self.saved_tensors = tensors
@@ -207,7 +208,7 @@ class _Ctx:
         pass
 
     def set_materialize_grads(self, value):
-        pass
+        self.materialize_grads = value
 
 
 def _custom_ops():
@@ -254,15 +255,19 @@ def _direct_custom_ops(calls: list):
             setattr(module, name, op)
 
 
-def _backward(op, inputs, output) -> None:
-    """op's registered setup_context + backward, as autograd runs them, with zero
-    gradients for every output."""
+def _backward(op, inputs, output, returned) -> None:
+    """op's registered setup_context + backward, as autograd runs them when the caller
+    uses what the public call returned (`returned`): a zero gradient for each output,
+    except None for an output the call did not return where the op's setup_context asked
+    for no materialised gradients."""
     ctx = _Ctx(tuple(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs))
     if not any(ctx.needs_input_grad):
         return
     op._setup_context_fn(ctx=ctx, inputs=inputs, output=output)
     outputs = output if isinstance(output, tuple) else (output,)
-    op._backward_fn(ctx, *(torch.zeros_like(o) for o in outputs))
+    used = {id(t) for t in returned}
+    op._backward_fn(ctx, *(torch.zeros_like(o) if ctx.materialize_grads or id(o) in used else None
+                           for o in outputs))
 
 
 def _standin(shape, dtype, requires_grad=False):
@@ -283,11 +288,12 @@ def enumerate_variants(cases, arch: int) -> Enumeration:
                 torch.manual_seed(0)  # the dropout seed is drawn on the host: the same every run
                 try:
                     fn, args, kwargs = _aot_cases.build_call(case, _standin, index_tensor)
-                    fn(*args, **kwargs)
+                    result = fn(*args, **kwargs)
+                    returned = result if isinstance(result, tuple) else (result,)
                     if case.backward:
                         for op, inputs, output in list(calls):
                             if op._backward_fn is not None:
-                                _backward(op, inputs, output)
+                                _backward(op, inputs, output, returned)
                 except Exception as error:  # noqa: BLE001 - reported per case, the run goes on
                     recorder.result.errors.append((str(case), f"{type(error).__name__}: {error}"))
     finally:

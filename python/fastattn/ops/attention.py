@@ -299,11 +299,16 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, attn_bias, alibi_slopes, rng_seed)
     ctx.scalars = dict(zip(_SCALARS, scalars))
+    # An output nobody used gets None, not zeros: a call without return_lse then runs the
+    # backward without the dlse term (a zero dlse would be loaded and added for nothing).
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, attn_bias, alibi_slopes, rng_seed = ctx.saved_tensors
     bias_needs_grad = bool(ctx.needs_input_grad[3])
+    if dout is None:  # only lse was used
+        dout = torch.zeros_like(out)
     if dlse is not None and is_placeholder(dlse):
         dlse = None
     dq, dk, dv, dbias = attention_bwd(

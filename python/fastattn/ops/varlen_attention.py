@@ -163,10 +163,13 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, *output, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_seed)
     ctx.max_seqlens = (max_seqlen_q, max_seqlen_k)
     ctx.options = dict(zip(_OPTIONS, options))
+    ctx.set_materialize_grads(False)  # no zero dlse when lse was not used (ops/attention.py)
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_seed = ctx.saved_tensors
+    if dout is None:  # only lse was used
+        dout = torch.zeros_like(out)
     if dlse is not None and is_placeholder(dlse):
         dlse = None
     dq, dk, dv = varlen_attention_bwd(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
