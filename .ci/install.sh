@@ -3,7 +3,7 @@
 # (make and activate a virtual environment first; see README.md).
 # An installed torch is kept, whatever its build (a CUDA torch stays a CUDA torch);
 # torch==2.13.0 is installed only where none is importable (on these machines that is
-# a CPU build). FASTATTN_KEEP_TORCH, which used to ask for this, is no longer read.
+# a CPU build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PIP="python -m pip install --disable-pip-version-check -q"
