@@ -105,6 +105,12 @@ def _tanh(x):
     return tl.where(x < 0, -t, t)
 
 
+def fast_softcap_tanh(softcap: float, dtype) -> bool:
+    """Whether softcap's tanh runs as tanh.approx.f32 (_softcap_tanh's FAST): 16-bit inputs
+    on a GPU; fp32 inputs and the interpreter keep the exact _tanh."""
+    return softcap > 0 and dtype != torch.float32 and not _config.interpreted()
+
+
 @triton.jit
 def _softcap_tanh(
     x,             # fp32 tensor
@@ -1046,7 +1052,7 @@ def _common_args(q, k, v, attn_bias, alibi_slopes, rng_seed, scale, window_left,
         causal=int(window_left < 0 and window_right == 0),
         D=head_dim, DV=head_dim_v,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_DV=max(16, triton.next_power_of_2(head_dim_v)),
-        HAS_SOFTCAP=softcap > 0, FAST_TANH=softcap > 0 and q.dtype != torch.float32 and not _config.interpreted(),
+        HAS_SOFTCAP=softcap > 0, FAST_TANH=fast_softcap_tanh(softcap, q.dtype),
         HAS_ALIBI=alibi_slopes is not None, BIAS_KIND=bias_kind,
         HAS_DROPOUT=dropout_p > 0, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )

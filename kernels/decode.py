@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from . import _config
-from .attention import LN2, LOG2E, _load_tile, _tanh
+from .attention import LN2, LOG2E, _load_tile, _softcap_tanh, fast_softcap_tanh
 
 
 # ----------------------------------------------------------------------------- split-KV kernel
@@ -95,7 +95,7 @@ def _decode_attention_fwd_inner(
     D: tl.constexpr, DV: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr, PAGED: tl.constexpr, PAGE_POW2: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FAST_TANH: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -113,7 +113,7 @@ def _decode_attention_fwd_inner(
                          D != BLOCK_D, MASKED)  # (BLOCK_D, BLOCK_N)
         qk = tl.dot(q, k_t, input_precision=DOT_PRECISION)
         if HAS_SOFTCAP:
-            x = _tanh(qk * (sm_scale / softcap)) * (softcap * LOG2E)
+            x = _softcap_tanh(qk * (sm_scale / softcap), FAST_TANH) * (softcap * LOG2E)
         else:
             x = qk * (sm_scale * LOG2E)
         if HAS_ALIBI:
@@ -178,6 +178,7 @@ def _decode_attention_fwd_kernel(
     PAGED: tl.constexpr,
     PAGE_POW2: tl.constexpr,  # page_size is a power of two (PAGED)
     HAS_SOFTCAP: tl.constexpr,
+    FAST_TANH: tl.constexpr,  # softcap's tanh is tanh.approx.f32 (16-bit inputs on a GPU)
     HAS_ALIBI: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs
     BLOCK_M: tl.constexpr,    # query rows per program (>= 16)
@@ -229,17 +230,17 @@ def _decode_attention_fwd_kernel(
         acc, l_i, m_i, bad_pages, q, K, V, BlockTable, stride_kb, stride_kn, stride_kk, stride_vb, stride_vn,
         stride_vk, stride_btp, pos, slope, offs_d, offs_dv, start, full_lo, seqlen, page_size, page_shift, num_pages,
         window_left, sm_scale, softcap, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, True, PAGED, PAGE_POW2, HAS_SOFTCAP,
-        HAS_ALIBI, DOT_PRECISION)
+        FAST_TANH, HAS_ALIBI, DOT_PRECISION)
     acc, l_i, m_i, bad_pages = _decode_attention_fwd_inner(
         acc, l_i, m_i, bad_pages, q, K, V, BlockTable, stride_kb, stride_kn, stride_kk, stride_vb, stride_vn,
         stride_vk, stride_btp, pos, slope, offs_d, offs_dv, full_lo, full_hi, seqlen, page_size, page_shift,
         num_pages, window_left, sm_scale, softcap, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, False, PAGED, PAGE_POW2,
-        HAS_SOFTCAP, HAS_ALIBI, DOT_PRECISION)
+        HAS_SOFTCAP, FAST_TANH, HAS_ALIBI, DOT_PRECISION)
     acc, l_i, m_i, bad_pages = _decode_attention_fwd_inner(
         acc, l_i, m_i, bad_pages, q, K, V, BlockTable, stride_kb, stride_kn, stride_kk, stride_vb, stride_vn,
         stride_vk, stride_btp, pos, slope, offs_d, offs_dv, full_hi, end, seqlen, page_size, page_shift, num_pages,
         window_left, sm_scale, softcap, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, True, PAGED, PAGE_POW2, HAS_SOFTCAP,
-        HAS_ALIBI, DOT_PRECISION)
+        FAST_TANH, HAS_ALIBI, DOT_PRECISION)
     flags = tl.where((length < q_len) | (length > capacity), BAD_LENGTH, 0)
     if PAGED:
         flags |= tl.where(tl.max(bad_pages.to(tl.int32), 0) > 0, BAD_PAGE, 0)
@@ -470,7 +471,7 @@ def decode_attention_forward(q, k_cache, v_cache, cache_seqlens, block_table, al
         capacity=capacity, num_splits=num_splits, window_left=window, sm_scale=float(scale), softcap=float(softcap),
         split_keys_bucket=_config.decode_attention_split_keys_bucket(triton.cdiv(keys, num_splits)),
         D=head_dim, DV=head_dim_v, BLOCK_D=block_d, BLOCK_DV=block_dv, PAGED=paged,
-        HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
+        HAS_SOFTCAP=softcap > 0, FAST_TANH=fast_softcap_tanh(softcap, q.dtype), HAS_ALIBI=alibi_slopes is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_M=block_m, **config,
     )
     if num_splits > 1:

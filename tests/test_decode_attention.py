@@ -527,3 +527,20 @@ def test_default_configs_one_per_key(monkeypatch):
     splits, config = _config.decode_attention_launch_config(device, torch.bfloat16, 16, 128, 128, 8, 8192, 132)
     assert splits == 3 and config == dict(_config.decode_attention_default(90, torch.bfloat16, 16, 128, 128),
                                           num_warps=8)
+
+
+def test_softcap_takes_tanh_approx_only_for_16_bit_on_a_gpu(monkeypatch):
+    """Decode picks softcap's tanh as the attention kernels do (kernels.attention.fast_softcap_tanh):
+    fp32 keeps the fp32-exact tanh everywhere, 16-bit inputs too in the interpreter."""
+    from fastattn.kernels import decode as kernels
+    from triton_launches import record_launches
+
+    recorder = record_launches(monkeypatch, kernels, "_decode_attention_fwd_kernel")
+    q = torch.randn(2, 4, 1, 16, device=DEVICE)
+    k_cache, v_cache, _ = _caches(2, 2, 24, 16)
+    seqlens = _seqlens([5, 24])
+    for dtype in (torch.float32, torch.float16):
+        fastattn.decode_attention(q.to(dtype), k_cache.to(dtype), v_cache.to(dtype), seqlens, softcap=3.0,
+                                  backend="triton")
+    fast = [kwargs["FAST_TANH"] for _, kwargs in recorder.launches]
+    assert fast == [False, not backends.triton_interpreter_on()]
