@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import fastattn
+from fastattn._validate import DEBUG_ENV
 from fastattn.ops import attention as attention_op
 from fastattn.ops import decode_attention as decode_op
 from fastattn.ops import ffn as ffn_op
@@ -74,6 +75,9 @@ CASES = {
     "decode block_table too short": (lambda: fastattn.decode_attention(R(2, 4, 1, 8), R(6, 2, 16, 8), R(6, 2, 16, 8), cu(20, 33), block_table=cu(0, 1, 2, 3).reshape(2, 2)), ValueError, r"capacity\] = \[1, 32\] \(block_table pages"),
     "decode block_table bad page": (lambda: fastattn.decode_attention(R(2, 4, 1, 8), R(6, 2, 16, 8), R(6, 2, 16, 8), cu(20, 3), block_table=cu(0, 9, 2, 3).reshape(2, 2)), ValueError, "block_table entries must index pages 0..5"),
     "decode block_table dtype": (lambda: fastattn.decode_attention(R(2, 4, 1, 8), R(6, 2, 16, 8), R(6, 2, 16, 8), cu(20, 3), block_table=cu(0, 1, 2, 3).reshape(2, 2).long()), TypeError, "block_table must have dtype int32"),
+    "decode seqlens 0 with k_new": (lambda: fastattn.decode_attention(R(2, 4, 1, 8), R(2, 2, 32, 8), R(2, 2, 32, 8), cu(0, 3), k_new=R(2, 2, 1, 8), v_new=R(2, 2, 1, 8)), ValueError, r"cache_seqlens must lie in \[q_len, capacity\] = \[1, 32\]"),
+    "decode block_table negative page": (lambda: fastattn.decode_attention(R(2, 4, 1, 8), R(6, 2, 16, 8), R(6, 2, 16, 8), cu(20, 3), block_table=cu(0, -1, 2, 3).reshape(2, 2)), ValueError, "block_table entries must index pages 0..5"),
+    "decode page_size 0": (lambda: fastattn.decode_attention(R(2, 4, 1, 8), R(6, 2, 0, 8), R(6, 2, 0, 8), cu(1, 1), block_table=cu(0, 1, 2, 3).reshape(2, 2)), ValueError, r"page_size >= 1, got shape \(6, 2, 0, 8\)"),
     "decode contiguous batch": (lambda: fastattn.decode_attention(R(2, 4, 1, 8), R(3, 2, 32, 8), R(3, 2, 32, 8), cu(5, 5)), ValueError, "contiguous k_cache"),
     "decode head_dim": (lambda: fastattn.decode_attention(R(2, 4, 1, 8), R(2, 2, 32, 16), R(2, 2, 32, 16), cu(5, 5)), ValueError, "k_cache head_dim"),
     # layer_norm / rms_norm
@@ -116,14 +120,14 @@ def no_op_may_run(monkeypatch):
 
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_bad_input_is_rejected_before_any_work(case, no_op_may_run, monkeypatch):
-    monkeypatch.setenv(decode_op.DEBUG_ENV, "1")  # decode_attention checks cache values on the host only then
+    monkeypatch.delenv(DEBUG_ENV, raising=False)  # the default backends check decode's cache values on the host
     call, error, message = CASES[case]
     with pytest.raises(error, match=message):
         call()
 
 
 def test_decode_bad_input_leaves_the_cache_untouched(monkeypatch):
-    monkeypatch.setenv(decode_op.DEBUG_ENV, "1")
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
     k_cache, v_cache = R(2, 2, 32, 8), R(2, 2, 32, 8)
     before = (k_cache.clone(), v_cache.clone())
     with pytest.raises(ValueError):

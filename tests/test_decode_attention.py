@@ -20,6 +20,7 @@ import torch
 
 import fastattn
 from fastattn import backends, reference
+from fastattn._validate import DEBUG_ENV
 from fastattn.ops import decode_attention as decode_op
 from helpers import (
     DEVICE, R, U, all_residues, assert_within_naive_error, every_residue_once, forward_is_reference, huge_strided,
@@ -420,14 +421,14 @@ def test_debug_checks_read_the_values(monkeypatch):
     launch (these reads are exactly what the default path must not do)."""
     k_cache, v_cache, table = _caches(2, 1, 32, 16, page_size=16)
     q = R(2, 2, 1, 16)
-    monkeypatch.setenv(decode_op.DEBUG_ENV, "1")
+    monkeypatch.setenv(DEBUG_ENV, "1")
     with pytest.raises(ValueError, match=r"cache_seqlens must lie in \[q_len, capacity\] = \[1, 32\]"):
         fastattn.decode_attention(q, k_cache, v_cache, _seqlens([3, 33]), block_table=table, backend="triton")
     with monkeypatch.context() as patched:
         _forbid_host_reads(patched)
         with pytest.raises(AssertionError, match="host"):
             fastattn.decode_attention(q, k_cache, v_cache, _seqlens([3, 30]), block_table=table, backend="triton")
-    monkeypatch.setenv(decode_op.DEBUG_ENV, "yes")
+    monkeypatch.setenv(DEBUG_ENV, "yes")
     with pytest.raises(ValueError, match="FASTATTN_DEBUG must be 0 or 1"):
         fastattn.decode_attention(q, k_cache, v_cache, _seqlens([3, 30]), block_table=table, backend="triton")
 
@@ -441,7 +442,7 @@ def test_bad_values_are_clamped_and_flagged(bad, monkeypatch):
     from fastattn.kernels import decode as kernels
 
     _pin(monkeypatch, "NUM_SPLITS=2")
-    monkeypatch.delenv(decode_op.DEBUG_ENV, raising=False)
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
     kernels.error_flags(DEVICE).zero_()
     batch, heads, kv_heads, q_len, d, page_size = 2, 2, 1, 2, 16, 16
     k_cache, v_cache, table = _caches(batch, kv_heads, 32, d, page_size, spare_pages=0)
@@ -544,3 +545,15 @@ def test_softcap_takes_tanh_approx_only_for_16_bit_on_a_gpu(monkeypatch):
                                   backend="triton")
     fast = [kwargs["FAST_TANH"] for _, kwargs in recorder.launches]
     assert fast == [False, not backends.triton_interpreter_on()]
+
+
+def test_strided_cache_seqlens_read_like_contiguous_ones():
+    """A cache_seqlens view with a stride gives what a contiguous one gives (the kernels
+    read entry b at offset b, so the op hands them a contiguous tensor)."""
+    q = R(3, 4, 1, 16)
+    k_cache, v_cache, _ = _caches(3, 2, 40, 16)
+    seqlens = _seqlens([5, 40, 17])
+    spread = torch.stack([seqlens, torch.full_like(seqlens, 1000)], 1).reshape(-1)[::2]  # stride 2
+    assert spread.stride() == (2,) and torch.equal(spread, seqlens)
+    expected = fastattn.decode_attention(q, k_cache, v_cache, seqlens, backend="triton")
+    assert torch.equal(fastattn.decode_attention(q, k_cache, v_cache, spread, backend="triton"), expected)

@@ -221,6 +221,20 @@ def test_any_strides_without_copies():
     check_varlen(lengths, lengths, 2, 2, 16, causal=True)
 
 
+def test_strided_cu_seqlens_read_like_contiguous_ones():
+    """cu_seqlens views with a stride give what contiguous ones give (the kernels read
+    entry b at offset b, so the op hands them contiguous tensors; a strided view used to
+    be read past its end)."""
+    lengths = [7, 0, 26]
+    cu = _cu(lengths)
+    spread = torch.stack([cu, torch.full_like(cu, 1000)], 1).reshape(-1)[::2]  # stride 2
+    assert spread.stride() == (2,) and torch.equal(spread, cu)
+    q, k, v = _packed(lengths, lengths, 2, 1, 16)
+    expected = fastattn.varlen_attention(q, k, v, cu, cu, 26, 26, causal=True, backend="triton")
+    got = fastattn.varlen_attention(q, k, v, spread, spread, 26, 26, causal=True, backend="triton")
+    assert torch.equal(got, expected)
+
+
 def test_pinned_tile_config(monkeypatch):
     """16 x 16 tiles: several tiles per sequence, full and masked ones, windows both sides."""
     monkeypatch.setenv(CONFIG_ENV, "BLOCK_M=16,BLOCK_N=16")

@@ -8,6 +8,7 @@ before any kernel launch; none of them reads tensor data except the ones named
 from __future__ import annotations
 
 import math
+import os
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -160,6 +161,19 @@ def window(name: str, value: object) -> tuple[int, int]:
 def tracing() -> bool:
     """True while torch.compile traces: tensor data cannot be read then."""
     return torch.compiler.is_compiling()
+
+
+DEBUG_ENV = "FASTATTN_DEBUG"
+
+
+def debug_checks() -> bool:
+    """Whether FASTATTN_DEBUG=1 asks for the value checks that read GPU tensors on the
+    host: each is a device-to-host sync, which stalls the launch queue and breaks CUDA
+    graph capture, so the Triton paths skip them by default."""
+    value = os.environ.get(DEBUG_ENV, "0").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{DEBUG_ENV} must be 0 or 1; got {value!r}")
+    return value == "1"
 
 
 def cu_seqlens_values(name: str, cu_seqlens: Tensor, total: int, total_name: str) -> list[int]:

@@ -20,7 +20,6 @@ flag it on the device; check_flagged_inputs() raises for what they flagged.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -34,15 +33,6 @@ from . import attention as dense
 from ._common import BackendTable
 
 MAX_QUERY_LEN = 16
-DEBUG_ENV = "FASTATTN_DEBUG"
-
-
-def debug_checks() -> bool:
-    """Whether FASTATTN_DEBUG=1 asks for the checks that read tensor values on the host."""
-    value = os.environ.get(DEBUG_ENV, "0").strip()
-    if value not in ("", "0", "1"):
-        raise ValueError(f"{DEBUG_ENV} must be 0 or 1; got {value!r}")
-    return value == "1"
 
 
 @dataclass(frozen=True)
@@ -220,7 +210,7 @@ def _check_new_kv(k_new, v_new, k_cache, v_cache, batch, q_len, device) -> None:
 def _check_cache_values(seqlens: Tensor, block_table: Optional[Tensor], num_pages: int, page_size: int, q_len: int,
                         capacity: int) -> None:
     """cache_seqlens in [q_len, capacity] and the block_table entries in use in
-    [0, num_pages) (FASTATTN_DEBUG=1: this reads them on the host)."""
+    [0, num_pages) (this reads them on the host)."""
     lengths = seqlens.tolist()
     if min(lengths) < q_len or max(lengths) > capacity:
         where = "block_table pages × page_size" if block_table is not None else "the cache's max_len"
@@ -238,12 +228,14 @@ def _check_cache_values(seqlens: Tensor, block_table: Optional[Tensor], num_page
 
 def check_flagged_inputs(device=None) -> None:
     """Raise the ValueError for the bad cache_seqlens / block_table values that the Triton
-    decode kernels on `device` (default: the current CUDA device) met since the last
+    decode kernels on `device` (default: the current CUDA device, else the CPU) met since the last
     check, and clear the flags. It reads the device (a synchronisation): call it outside
     the decoding loop or CUDA graph, or run with FASTATTN_DEBUG=1 to check every call."""
     from fastattn.kernels import decode as kernels
 
-    flags = kernels.error_flags("cuda" if device is None else device)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    flags = kernels.error_flags(device)
     found = int(flags.item())
     flags.zero_()
     problems = []
@@ -278,7 +270,9 @@ def decode_attention(
     (batch, kv_heads, max_len, head_dim). Paged cache: (num_pages, kv_heads, page_size,
     head_dim) with block_table (batch, max_pages) int32. cache_seqlens (batch,) int32
     counts the valid cache entries including the current q_len tokens (its values, and
-    block_table's, are checked only with FASTATTN_DEBUG=1; see check_flagged_inputs).
+    block_table's, are checked on the host except on the triton backend, whose kernels
+    never read them back but clamp and flag bad ones: see check_flagged_inputs; there
+    FASTATTN_DEBUG=1 checks them on the host too).
     window_size: only the left side applies (the queries are the newest positions). Returns out
     (batch, heads, q_len, head_dim) and, with return_lse, lse (batch, heads, q_len).
     k_new, v_new: optional (batch, kv_heads, q_len, head_dim) keys and values of the q_len
@@ -307,6 +301,7 @@ def decode_attention(
     seqlens = check.tensor("cache_seqlens", cache_seqlens, ndim=1, dtypes=(torch.int32,))
     check.shape("cache_seqlens", seqlens, (batch,), "(batch,)")
     check.same_device(q=q, cache_seqlens=seqlens)
+    seqlens = seqlens.contiguous()  # the kernels read entry b at offset b
     if block_table is None:
         if k_cache.shape[0] != batch:
             raise ValueError(
@@ -319,18 +314,23 @@ def decode_attention(
         check.same_device(q=q, block_table=table)
         if table.shape[0] != batch:
             raise ValueError(f"block_table must have shape (batch, max_pages) with batch {batch}, got {tuple(table.shape)}")
+        if k_cache.shape[2] == 0:
+            raise ValueError(f"a paged k_cache (num_pages, kv_heads, page_size, head_dim) needs page_size >= 1, "
+                             f"got shape {tuple(k_cache.shape)}")
         capacity = table.shape[1] * k_cache.shape[2]
     left, _ = check.window("window_size", window_size)
     check.number("softcap", softcap, minimum=0.0)
     check.boolean("return_lse", return_lse)
     scale = dense.check_scale(scale, head_dim)
     slopes = dense.check_alibi_slopes(alibi_slopes, batch, heads, device)
-    if debug_checks() and not check.tracing() and batch > 0:
-        _check_cache_values(seqlens, block_table, k_cache.shape[0], k_cache.shape[2], q_len, capacity)
     _check_new_kv(k_new, v_new, k_cache, v_cache, batch, q_len, device)
     call = DecodeCall(q.dtype, head_dim, v_cache.shape[-1], block_table is not None, k_cache.shape[2], softcap,
                       return_lse)
     name = BACKENDS.resolve(backend, device, call)
+    # The Triton kernels clamp bad values and flag them on the device (check_flagged_inputs);
+    # the other backends would index out of range, so their values are always checked.
+    if (check.debug_checks() or name != "triton") and not check.tracing() and batch > 0:
+        _check_cache_values(seqlens, block_table, k_cache.shape[0], k_cache.shape[2], q_len, capacity)
     if k_new is not None:
         decode_attention_append(k_new, v_new, k_cache, v_cache, seqlens, block_table, name)
     out, lse = decode_attention_fwd(q, k_cache, v_cache, seqlens, block_table, slopes, scale, left,

@@ -12,7 +12,6 @@ k/v; causal and windows are bottom-right aligned per sequence.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -180,22 +179,12 @@ def _backward(ctx, dout, dlse):
 varlen_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-DEBUG_ENV = "FASTATTN_DEBUG"
-
-
-def debug_checks() -> bool:
-    """Whether checks that read GPU tensors back to the host run (FASTATTN_DEBUG=1):
-    each is a device-to-host sync, which stalls the launch queue and breaks CUDA graph
-    capture, so by default only CPU tensors' values are checked."""
-    return os.environ.get(DEBUG_ENV, "0").strip() not in ("", "0")
-
-
 def _check_cu_seqlens(name: str, cu_seqlens: object, device) -> Tensor:
     cu = check.tensor(name, cu_seqlens, ndim=1, dtypes=(torch.int32,))
     if cu.shape[0] < 1:
         raise ValueError(f"{name} must have batch + 1 >= 1 entries, got shape {tuple(cu.shape)}")
     check.on_device(device, **{name: cu})
-    return cu
+    return cu.contiguous()  # the kernels read entry b at offset b
 
 
 def varlen_attention(
@@ -244,7 +233,7 @@ def varlen_attention(
     )
     scale = dense.check_scale(scale, q.shape[-1])
     slopes = dense.check_alibi_slopes(alibi_slopes, cu_q.shape[0] - 1, q.shape[1], device)
-    if not check.tracing() and (device.type == "cpu" or debug_checks()):
+    if not check.tracing() and (check.debug_checks() or device.type == "cpu"):
         for name, cu, total, total_name, longest, longest_name in (
             ("cu_seqlens_q", cu_q, q.shape[0], "total_q (q.shape[0])", max_seqlen_q, "max_seqlen_q"),
             ("cu_seqlens_k", cu_k, k.shape[0], "total_k (k.shape[0])", max_seqlen_k, "max_seqlen_k"),
