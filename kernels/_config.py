@@ -10,6 +10,7 @@ FASTATTN_<OP>_CONFIG variable that pins keys over the default (tests).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 from typing import Optional
@@ -69,6 +70,23 @@ def shared_memory_per_block(arch: int) -> int:
     sm_89 and sm_120 (and any other)."""
     kb = {80: 163, 87: 163, 90: 227, 100: 227, 103: 227}.get(arch, 99)
     return kb * 1024
+
+
+def on_tensor_device(launcher):
+    """`launcher` run with its first tensor argument's CUDA device current. Triton launches
+    on the current device and its current stream, which need not be the tensors' (a model
+    split over GPUs in one process, as transformers' device_map="auto" does)."""
+    import torch
+
+    @functools.wraps(launcher)
+    def launch(*args, **kwargs):
+        tensor = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if tensor is None or tensor.device.type != "cuda":
+            return launcher(*args, **kwargs)
+        with torch.cuda.device(tensor.device):
+            return launcher(*args, **kwargs)
+
+    return launch
 
 
 def arch_family(arch: int) -> str:

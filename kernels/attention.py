@@ -1058,6 +1058,7 @@ def _common_args(q, k, v, attn_bias, alibi_slopes, rng_seed, scale, window_left,
     )
 
 
+@_config.on_tensor_device
 def attention_forward(q, k, v, attn_bias, alibi_slopes, rng_seed, scale, window_left, window_right,
                       top_left, softcap, dropout_p):
     """out (batch, heads, seqlen_q, head_dim_v) and lse (batch, heads, seqlen_q) fp32.
@@ -1087,6 +1088,7 @@ def attention_forward(q, k, v, attn_bias, alibi_slopes, rng_seed, scale, window_
     return out, lse
 
 
+@_config.on_tensor_device
 def attention_backward(dout, dlse, q, k, v, out, lse, attn_bias, alibi_slopes, rng_seed, scale,
                        window_left, window_right, top_left, softcap, dropout_p, bias_needs_grad):
     """(dq, dk, dv, dbias) shaped like (q, k, v, attn_bias); dbias is a 0-element
@@ -1157,6 +1159,7 @@ def _dbias(dbias, dout, lse2, delta, args, attn_bias, grad_strides):
     )
 
 
+@_config.on_tensor_device
 def dropout_keep_mask(batch: int, heads: int, seqlen_q: int, seqlen_k: int, dropout_p: float,
                       rng_seed: torch.Tensor, device) -> torch.Tensor:
     """The keep-mask (batch, heads, seqlen_q, seqlen_k) bool, True = kept, that the kernels
@@ -1193,6 +1196,7 @@ def _varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     return args
 
 
+@_config.on_tensor_device
 def varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes,
                              rng_seed, scale, window_left, window_right, softcap, dropout_p):
     """out (total_q, heads, head_dim_v) and lse (heads, total_q) fp32 of packed sequences.
@@ -1224,6 +1228,7 @@ def varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     return out, lse
 
 
+@_config.on_tensor_device
 def varlen_attention_backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                               max_seqlen_k, alibi_slopes, rng_seed, scale, window_left, window_right, softcap,
                               dropout_p):

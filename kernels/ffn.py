@@ -677,6 +677,7 @@ def _input_grad(a1, b1, a2=None, b2=None):
     return c
 
 
+@_config.on_tensor_device
 def ffn_forward(x, w1, b1, w2, b2, activation: str, save_hidden: bool):
     """y = act(x·W1ᵀ + b1)·W2ᵀ + b2 for x (M, d); returns (y, H or None)."""
     M = x.shape[0]
@@ -688,6 +689,7 @@ def ffn_forward(x, w1, b1, w2, b2, activation: str, save_hidden: bool):
     return y, pre
 
 
+@_config.on_tensor_device
 def ffn_backward(dy, x, w1, b1, w2, b2, hidden_pre: Optional[torch.Tensor], activation: str):
     """(dx, dw1, db1 or None, dw2, db2 or None); hidden_pre None = recompute H."""
     M = x.shape[0]
@@ -715,6 +717,7 @@ def ffn_backward(dy, x, w1, b1, w2, b2, hidden_pre: Optional[torch.Tensor], acti
     return (dx, dw1, None if db1 is None else db1.to(x.dtype), dw2, None if db2 is None else db2.to(x.dtype))
 
 
+@_config.on_tensor_device
 def gated_ffn_forward(x, w_gate, w_up, w_down, activation: str, save_hidden: bool):
     """y = (act(x·W_gateᵀ) ∘ x·W_upᵀ)·W_downᵀ for x (M, d); returns (y, G, U) with
     G, U None unless save_hidden."""
@@ -728,6 +731,7 @@ def gated_ffn_forward(x, w_gate, w_up, w_down, activation: str, save_hidden: boo
     return y, gate, up
 
 
+@_config.on_tensor_device
 def gated_ffn_backward(dy, x, w_gate, w_up, w_down, gate, up, activation: str):
     """(dx, dw_gate, dw_up, dw_down); gate, up None = recompute them."""
     M, h = x.shape[0], w_gate.shape[0]

@@ -36,7 +36,6 @@ is bitwise reproducible.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import Optional
 
@@ -386,10 +385,6 @@ def _backward_programs(device: torch.device, rows: int) -> int:
     return _config.layer_norm_backward_programs(rows, sm_count)
 
 
-def _on_device(t: Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
 def _launch(plain, tuned, grid, args: tuple, hidden: int, backward: bool, **constexprs):
     """Launch with the config of _config.layer_norm_launch_config (the default, the pinned
     one, the interpreter's), or the autotuned kernel (FASTATTN_AUTOTUNE=1). `grid` is a
@@ -402,6 +397,7 @@ def _launch(plain, tuned, grid, args: tuple, hidden: int, backward: bool, **cons
         plain[(grid(config["ROWS"]),)](*args, **constexprs, **config)
 
 
+@_config.on_tensor_device
 def layer_norm_forward(
     x: Tensor,
     weight: Optional[Tensor],
@@ -436,13 +432,13 @@ def layer_norm_forward(
         r_out.stride(0), r_out.stride(1), w.stride(0), b.stride(0),
         rows, hidden, eps,
     )
-    with _on_device(x):
-        _launch(_layer_norm_fwd_kernel, _layer_norm_fwd_tuned, lambda block_rows: triton.cdiv(rows, block_rows),
-                args, hidden, backward=False, IS_RMS_NORM=is_rms_norm, HAS_WEIGHT=weight is not None,
-                HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None)
+    _launch(_layer_norm_fwd_kernel, _layer_norm_fwd_tuned, lambda block_rows: triton.cdiv(rows, block_rows),
+            args, hidden, backward=False, IS_RMS_NORM=is_rms_norm, HAS_WEIGHT=weight is not None,
+            HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None)
     return y, residual_out, mean, rstd
 
 
+@_config.on_tensor_device
 def layer_norm_backward(
     dy: Tensor,
     dresidual_out: Optional[Tensor],
@@ -471,10 +467,9 @@ def layer_norm_backward(
             ds.stride(0), ds.stride(1), w.stride(0), mean.stride(0) if not is_rms_norm else 0, rstd.stride(0),
             rows, hidden,
         )
-        with _on_device(summed):
-            _launch(_layer_norm_bwd_kernel, _layer_norm_bwd_tuned, lambda block_rows: programs, args, hidden,
-                    backward=True, IS_RMS_NORM=is_rms_norm, HAS_WEIGHT=weight is not None,
-                    HAS_BIAS=bias is not None, HAS_DRESIDUAL=dresidual_out is not None)
+        _launch(_layer_norm_bwd_kernel, _layer_norm_bwd_tuned, lambda block_rows: programs, args, hidden,
+                backward=True, IS_RMS_NORM=is_rms_norm, HAS_WEIGHT=weight is not None,
+                HAS_BIAS=bias is not None, HAS_DRESIDUAL=dresidual_out is not None)
     else:
         dw_partial.zero_()
         db_partial.zero_()

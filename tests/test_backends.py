@@ -9,6 +9,7 @@ import torch
 import fastattn
 from fastattn import backends
 from fastattn.ops import attention as attention_op
+from helpers import require_module
 
 
 def small_qkv():
@@ -147,3 +148,37 @@ def test_the_cuda_extension_can_first_load_inside_traced_code(monkeypatch):
     reason = _extension.unavailable_reason()
     assert reason is None or "fastattn._C" in reason
     assert torch.equal(out, x + (0.0 if reason is None else 1.0))
+
+
+def test_triton_launchers_run_with_their_tensors_device_current(monkeypatch):
+    """Triton launches on the current CUDA device and stream, so every public launcher
+    makes its first tensor's device current (a model split over GPUs in one process)."""
+    require_module("triton")
+    from fastattn.kernels import _config, attention, decode, ffn, layer_norm
+    from fastattn.kernels._aot_standins import standin_cuda
+
+    launchers = [attention.attention_forward, attention.attention_backward, attention.dropout_keep_mask,
+                 attention.varlen_attention_forward, attention.varlen_attention_backward,
+                 decode.decode_attention_forward, decode.decode_attention_append, ffn.ffn_forward,
+                 ffn.ffn_backward, ffn.gated_ffn_forward, ffn.gated_ffn_backward, layer_norm.layer_norm_forward,
+                 layer_norm.layer_norm_backward]
+    assert all(getattr(f, "__wrapped__", None) is not None for f in launchers)
+
+    current = []
+
+    class DeviceContext:  # torch.cuda.device, recorded
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            current.append(self.device)
+
+        def __exit__(self, *exc):
+            current.pop()
+
+    launch = _config.on_tensor_device(lambda *args, **kwargs: list(current))
+    assert launch(3, torch.zeros(2)) == []  # CPU tensors: nothing to switch
+    with standin_cuda(90):
+        monkeypatch.setattr(torch.cuda, "device", DeviceContext)
+        on_gpu = torch.empty(4, device="cuda")
+        assert launch(2.0, None, x=on_gpu) == [on_gpu.device] and current == []
