@@ -196,8 +196,9 @@ def _decode_attention_fwd_kernel(
     seqlen = tl.minimum(tl.maximum(length, 0), capacity)  # no access past the cache on bad input
     pos = seqlen - q_len + t
 
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    # int64: a head-dim stride of the caller's q or caches may be large (a transposed view)
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
+    offs_dv = tl.arange(0, BLOCK_DV).to(tl.int64)
     Q += b.to(tl.int64) * stride_qb
     q = tl.load(Q + h[:, None].to(tl.int64) * stride_qh + t[:, None] * stride_qm + offs_d[None, :] * stride_qk,
                 mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)  # (BLOCK_M, BLOCK_D)
@@ -332,7 +333,7 @@ def _decode_attention_append_kernel(
     kvh = tl.program_id(0)
     b = tl.program_id(1)
     offs_t = tl.arange(0, BLOCK_T)
-    offs_d = tl.arange(0, BLOCK_DN)
+    offs_d = tl.arange(0, BLOCK_DN).to(tl.int64)  # the caches' head-dim stride may be large
     length = tl.load(CacheSeqlens + b)
     length_ok = (length >= q_len) & (length <= capacity)
     row_ok = (offs_t < q_len) & length_ok
@@ -409,6 +410,7 @@ def _page_args(page_size: int) -> dict:
     return dict(page_size=page_size, page_shift=page_size.bit_length() - 1 if pow2 else 0, PAGE_POW2=pow2)
 
 
+@_config.on_tensor_device
 def decode_attention_forward(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, scale, window_left,
                              softcap):
     """out (batch, heads, q_len, head_dim_v) and lse (batch, heads, q_len) fp32.
@@ -487,6 +489,7 @@ def decode_attention_forward(q, k_cache, v_cache, cache_seqlens, block_table, al
     return out, lse
 
 
+@_config.on_tensor_device
 def decode_attention_append(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table) -> None:
     """Write k_new, v_new (batch, kv_heads, q_len, d) into the caches at positions
     cache_seqlens - q_len .. cache_seqlens - 1 of each sequence (in place). Reads

@@ -495,6 +495,16 @@ def test_cache_offsets_past_2_to_the_31():
     check_decode(q, k_cache, v_cache, _seqlens([5, 40]), dtype=torch.float16)
 
 
+def test_head_dim_strides_past_2_to_the_31():
+    """A k_cache whose head dim is its outermost stride (a transposed view, 2^27 + 2^26
+    elements between neighbouring channels, so channel 15 lies past 2^31) is read at the
+    right places: the head-dim offsets are int64 too."""
+    d, capacity, channel_stride = 16, 8, (1 << 27) + (1 << 26)
+    k_cache = huge_strided((1, 1, capacity, d), (capacity, capacity, 1, channel_stride))
+    v_cache = R(1, 1, capacity, d).half()
+    check_decode(R(1, 2, 1, d).half(), k_cache, v_cache, _seqlens([7]), dtype=torch.float16)
+
+
 def test_default_configs_one_per_key(monkeypatch):
     """Without FASTATTN_AUTOTUNE every launch gets the one default of its (GPU family,
     operand dtype, head-dim bucket, rows) key, within its GPU's shared memory (sm_86's
