@@ -145,3 +145,26 @@ def test_fully_masked_rows_give_zero_not_nan_on_every_backend():
         out.sum().backward()
         assert torch.isfinite(out).all() and out[:, :, 1].abs().max() == 0
         assert torch.isfinite(q_.grad).all()
+
+
+def test_batches_beyond_the_grid_are_refused_by_the_kernels_not_by_auto():
+    """The Triton and CUDA kernels put the batch on a CUDA grid axis of at most 65535
+    blocks: a larger batch gets a ValueError naming the limit before any launch from the
+    kernel backends, while the reference backends still serve it (so `auto` falls back)."""
+    batch = attention_op.GRID_MAX_BATCH + 1
+    q = torch.randn(batch, 1, 1, 16)
+    cu_seqlens = torch.zeros(batch + 1, dtype=torch.int32)
+    empty = torch.randn(0, 1, 16)
+    calls = {
+        "attention": lambda backend: fastattn.attention(q, q, q, backend=backend),
+        "varlen_attention": lambda backend: fastattn.varlen_attention(empty, empty, empty, cu_seqlens, cu_seqlens,
+                                                                      0, 0, backend=backend),
+        "decode_attention": lambda backend: fastattn.decode_attention(q, q, q, torch.ones(batch, dtype=torch.int32),
+                                                                      backend=backend),
+    }
+    for call in calls.values():
+        with pytest.raises(ValueError, match=f"at most 65535; got a batch of {batch} sequences"):
+            call("triton")
+    big = attention_op.AttentionCall(torch.float16, 64, 64, False, 0.0, 0.0, False, batch=batch)
+    assert "at most 65535" in attention_op.BACKENDS.reason("cuda", big)
+    assert attention_op.BACKENDS.reason("torch", big) is None and attention_op.BACKENDS.reason("naive", big) is None

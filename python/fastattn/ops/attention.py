@@ -58,6 +58,7 @@ class AttentionCall:
     dropout_p: float
     return_lse: bool
     has_alibi: bool = False
+    batch: int = 1  # sequences: the kernels' grid axis z
 
 
 # ----------------------------------------------------------------------------- backends
@@ -123,9 +124,22 @@ def _torch_forward(q, k, v, attn_bias, alibi_slopes, rng_seed, scale, window_lef
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_MAX_HEAD_DIM = 256
+# CUDA grid axes y and z hold at most 65535 blocks; the Triton and CUDA kernels put the
+# batch (the number of sequences) on one of them.
+GRID_MAX_BATCH = 65535
+
+
+def grid_batch_limit(call) -> Optional[str]:
+    """Why a call's batch does not fit the kernels' grid, or None."""
+    if call.batch > GRID_MAX_BATCH:
+        return (f"the kernels launch one grid row per sequence, at most {GRID_MAX_BATCH}; got a batch of "
+                f"{call.batch} sequences (split the batch)")
+    return None
 
 
 def limits(backend: str, call: AttentionCall) -> Optional[str]:
+    if backend in ("triton", "cuda") and (reason := grid_batch_limit(call)):
+        return reason
     if backend == "triton":
         if call.dtype not in TRITON_DTYPES:
             return f"the Triton kernels take float16, bfloat16 or float32, got {check.dtype_name(call.dtype)}"
@@ -401,7 +415,7 @@ def _run(q, k, v, bias, slopes, scale, window_left, window_right, top_left, soft
          return_lse, backend):
     """Resolve the backend, draw the dropout seed and call the registered op."""
     call = AttentionCall(q.dtype, q.shape[-1], v.shape[-1], bias is not None, softcap, dropout_p,
-                         return_lse, has_alibi=slopes is not None)
+                         return_lse, has_alibi=slopes is not None, batch=q.shape[0])
     name = BACKENDS.resolve(backend, q.device, call)
     rng_seed = draw_rng_seed(q.device) if dropout_p > 0 else None
     out, lse = attention_fwd(q, k, v, bias, slopes, rng_seed, scale, window_left, window_right,

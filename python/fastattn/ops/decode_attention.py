@@ -44,6 +44,7 @@ class DecodeCall:
     page_size: int
     softcap: float
     return_lse: bool
+    batch: int = 1  # sequences: the kernels' grid axis z
 
 
 def _naive_forward(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, scale,
@@ -62,8 +63,11 @@ def _torch_forward(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes
     if block_table is not None:
         batch, pages = block_table.shape
         page_size = k_cache.shape[2]
+        # entries past a sequence's length may hold anything (they are masked out below):
+        # clamped, so that the gather stays in range
+        pages_in_range = block_table.long().clamp(0, max(k_cache.shape[0] - 1, 0))
         gathered = (
-            cache[block_table.long()]  # (b, pages, hk, page_size, d)
+            cache[pages_in_range]  # (b, pages, hk, page_size, d)
             .transpose(1, 2)
             .reshape(batch, cache.shape[1], pages * page_size, cache.shape[3])  # (b, hk, L, d)
             for cache in (k_cache, v_cache)
@@ -101,6 +105,8 @@ def _triton_forward(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slope
 
 def _limits(backend: str, call: DecodeCall) -> Optional[str]:
     if backend == "triton":
+        if reason := dense.grid_batch_limit(call):
+            return reason
         if call.dtype not in dense.TRITON_DTYPES:
             return f"the Triton kernels take float16, bfloat16 or float32, got {check.dtype_name(call.dtype)}"
         if call.dtype == torch.bfloat16 and triton_interpreter_on():
@@ -325,7 +331,7 @@ def decode_attention(
     slopes = dense.check_alibi_slopes(alibi_slopes, batch, heads, device)
     _check_new_kv(k_new, v_new, k_cache, v_cache, batch, q_len, device)
     call = DecodeCall(q.dtype, head_dim, v_cache.shape[-1], block_table is not None, k_cache.shape[2], softcap,
-                      return_lse)
+                      return_lse, batch)
     name = BACKENDS.resolve(backend, device, call)
     # The Triton kernels clamp bad values and flag them on the device (check_flagged_inputs);
     # the other backends would index out of range, so their values are always checked.

@@ -245,7 +245,8 @@ def varlen_attention(
                     f"{longest_name} ({longest}) is shorter than the longest sequence in {name} "
                     f"({max(lengths)})"
                 )
-    call = dense.AttentionCall(q.dtype, q.shape[-1], v.shape[-1], False, softcap, dropout_p, return_lse)
+    call = dense.AttentionCall(q.dtype, q.shape[-1], v.shape[-1], False, softcap, dropout_p, return_lse,
+                               has_alibi=slopes is not None, batch=cu_q.shape[0] - 1)
     name = BACKENDS.resolve(backend, device, call)
     rng_seed = draw_rng_seed(device) if dropout_p > 0 else None
     out, lse = varlen_attention_fwd(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, slopes, rng_seed,
