@@ -700,3 +700,43 @@ PAGED_REFUSALS = [
 def test_paged_refusals(call, change, match):
     with pytest.raises(ValueError, match=match):
         call(**change())
+
+
+VARLEN_OP_REFUSALS = [  # checked by varlen_attention alone, under flash-attn's argument names
+    (lambda q, k, v: dict(q=q[None]), ValueError, r"q must be 3-D"),
+    (lambda q, k, v: dict(k=k[..., :4]), ValueError, r"q and k must have the same head_dim"),
+    (lambda q, k, v: dict(v=v[:5]), ValueError, r"k and v must agree"),
+    (lambda q, k, v: dict(q=q[:, :3]), ValueError, r"heads of q \(3\) must be a multiple of kv_heads of k/v \(2\)"),
+    (lambda q, k, v: dict(v=v.float()), TypeError, r"v has dtype float32 but q has float64"),
+    (lambda q, k, v: dict(causal=1), TypeError, r"causal must be a bool"),
+    (lambda q, k, v: dict(window_size=(0, -3)), ValueError, r"window_size sides"),
+    (lambda q, k, v: dict(softcap=-1.0), ValueError, r"softcap must be >= 0"),
+]
+
+
+@pytest.mark.parametrize("change,error,match", VARLEN_OP_REFUSALS, ids=[c[2][:20] for c in VARLEN_OP_REFUSALS])
+def test_flash_attn_varlen_bad_input_named_by_the_op(change, error, match):
+    q, cu = _packed([3, 4], 4, 8)
+    kwargs = dict(q=q, k=rand(7, 2, 8), v=rand(7, 2, 8), cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=4,
+                  max_seqlen_k=4)
+    kwargs.update(change(kwargs["q"], kwargs["k"], kwargs["v"]))
+    with pytest.raises(error, match=match):
+        fastattn.flash_attn_varlen_func(**kwargs)
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (dict(causal=1), TypeError, "causal must be a bool"),
+    (dict(softcap=-1.0), ValueError, "softcap must be >= 0"),
+    (dict(k_cache=rand(2, 16, 2, 8).float(), v_cache=rand(2, 16, 2, 8).float()), TypeError,
+     "k_cache has dtype float32 but q has float64"),
+], ids=["causal", "softcap", "dtype"])
+def test_kvcache_options_checked_before_the_append(change, error, match):
+    """flash_attn_with_kvcache uses causal and window_size and appends the new k, v
+    before any op checks them: it checks them itself, before anything is written."""
+    q, k_cache, v_cache = _cache()
+    kwargs = dict(q=q, k_cache=k_cache, v_cache=v_cache, k=rand(2, 2, 2, 8), v=rand(2, 2, 2, 8), cache_seqlens=3)
+    kwargs.update(change)
+    before = kwargs["k_cache"].clone()
+    with pytest.raises(error, match=match):
+        fastattn.flash_attn_with_kvcache(**kwargs)
+    assert torch.equal(kwargs["k_cache"], before)

@@ -46,21 +46,18 @@ __all__ = [
 ]
 
 DENSE = "(batch, seqlen, nheads, headdim)"
-PACKED = "(total, nheads, headdim)"
 PAGED_KV = "(num_blocks, page_block_size, nheads_k, headdim)"
 
 
 # ----------------------------------------------------------------------------- checks
 
 
-def _check_options(softmax_scale, causal, window_size, softcap, deterministic, flag_name, flag):
-    """The scalar options every function shares, checked under flash-attn's names (the
-    ops check dropout_p, alibi_slopes and the rest under the same names)."""
+def _check_options(softmax_scale, deterministic, flag_name, flag):
+    """The options the ops check under another name (scale, return_lse) or not at all
+    (deterministic). causal, window_size, softcap, dropout_p and alibi_slopes the ops
+    check under flash-attn's names."""
     if softmax_scale is not None:
         check.number("softmax_scale", softmax_scale, positive=True)
-    check.boolean("causal", causal)
-    check.window("window_size", window_size)
-    check.number("softcap", softcap, minimum=0.0)
     if deterministic is not None:
         check.boolean("deterministic", deterministic)
     check.boolean(flag_name, flag)
@@ -68,9 +65,9 @@ def _check_options(softmax_scale, causal, window_size, softcap, deterministic, f
 
 def _check_heads(q: Tensor, k: Tensor, v: Tensor, layout: str, k_name: str = "k", v_name: str = "v") -> None:
     """q (..., nheads, headdim), k (..., nheads_k, headdim), v (..., nheads_k, headdim_v):
-    one dtype and device, head_dim of q and k equal, nheads a multiple of nheads_k."""
-    check.same_dtype(q=q, **{k_name: k, v_name: v})
-    check.same_device(q=q, **{k_name: k, v_name: v})
+    head_dim of q and k equal, nheads a multiple of nheads_k, in messages that spell
+    flash-attn's layout (the ops would show their own, transposed, shapes). dtype and
+    device are left to the ops, which name q, k and v as flash-attn does."""
     if q.shape[-1] != k.shape[-1] or q.shape[-1] == 0:
         raise ValueError(
             f"q and {k_name} must have the same headdim > 0 (last dim of {layout}); got q {tuple(q.shape)} "
@@ -145,8 +142,7 @@ def flash_attn_func(
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"q and k must have the same batch (dim 0 of {DENSE}); got q {tuple(q.shape)} "
                          f"and k {tuple(k.shape)}")
-    _check_options(softmax_scale, causal, window_size, softcap, deterministic, "return_attn_probs",
-                   return_attn_probs)
+    _check_options(softmax_scale, deterministic, "return_attn_probs", return_attn_probs)
     result = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal,
                        scale=softmax_scale, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
                        dropout_p=dropout_p, return_lse=return_attn_probs, backend=backend)
@@ -267,13 +263,12 @@ def flash_attn_varlen_func(
     (num_blocks, page_block_size, nheads_k, headdim); the pages in use are gathered into
     packed k, v first (a copy, unlike the rest of this module).
     """
-    check.tensor("q", q, ndim=3)
-    for name, t in (("k", k), ("v", v)):
-        check.tensor(name, t, ndim=3 if block_table is None else 4)
-    _check_heads(q, k, v, PACKED if block_table is None else PAGED_KV)
-    _check_options(softmax_scale, causal, window_size, softcap, deterministic, "return_attn_probs",
-                   return_attn_probs)
-    if block_table is not None:
+    _check_options(softmax_scale, deterministic, "return_attn_probs", return_attn_probs)
+    if block_table is not None:  # packed q, k, v are varlen_attention's layout: it checks them
+        check.tensor("q", q, ndim=3)
+        check.tensor("k", k, ndim=4)
+        check.tensor("v", v, ndim=4)
+        _check_heads(q, k, v, PAGED_KV)
         k, v = _gather_paged_kv(q, k, v, block_table, cu_seqlens_k)
     result = varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
                               scale=softmax_scale, window_size=window_size, softcap=softcap,
@@ -385,6 +380,8 @@ def _cache_layout(q, k_cache, v_cache, block_table, cache_batch_idx):
     v_cache = check.tensor("v_cache", v_cache, ndim=4)
     paged = block_table is not None
     layout = PAGED_KV if paged else "(batch_size_cache, seqlen_cache, nheads_k, headdim)"
+    check.same_dtype(q=q, k_cache=k_cache, v_cache=v_cache)
+    check.same_device(q=q, k_cache=k_cache, v_cache=v_cache)
     _check_heads(q, k_cache, v_cache, layout, "k_cache", "v_cache")
     if paged:
         if cache_batch_idx is not None:
@@ -542,7 +539,11 @@ def flash_attn_with_kvcache(
         raise ValueError("cache_leftpad is not supported by fastattn: keep each sequence's cache starting at "
                          "position 0 (or use block_table to place it)")
     rotary = _check_rotary(rotary_cos, rotary_sin, rotary_interleaved, q, k is not None)
-    _check_options(softmax_scale, causal, window_size, softcap, None, "return_softmax_lse", return_softmax_lse)
+    _check_options(softmax_scale, None, "return_softmax_lse", return_softmax_lse)
+    # Used (and the new k, v appended) before decode_attention checks them; causal never reaches an op.
+    check.boolean("causal", causal)
+    check.window("window_size", window_size)
+    check.number("softcap", softcap, minimum=0.0)
     check.integer("num_splits", num_splits, minimum=0)
     seqlens = _cache_seqlens(cache_seqlens, batch, capacity, q.device, k is not None)
     left, right = window_size[0], 0 if causal else window_size[1]
