@@ -556,3 +556,187 @@ def test_flash_attn_with_kvcache_bad_input(change, error, match):
     with pytest.raises(error, match=match):
         fastattn.flash_attn_with_kvcache(**kwargs)
     assert torch.equal(k_cache, before)  # refused before anything was written
+
+
+# ----------------------------------------------------------------------------- paged caches: entries, host reads
+
+
+@pytest.mark.parametrize("backend", backends_of(decode_op.BACKENDS, DEVICE))
+@pytest.mark.parametrize("entry", [9, -1], ids=["past-the-end", "negative"])
+def test_kvcache_paged_entries_in_use_are_checked_without_new_kv(backend, entry):
+    """A paged cache read with no new k/v (the decode path): a block_table entry in use
+    outside 0..num_blocks - 1 is refused before any op runs (9 of 4 blocks would index
+    past k_cache, -1 would wrap to the last block)."""
+    q = torch.randn(2, 1, 4, 8, device=DEVICE)
+    k_cache, v_cache = torch.randn(4, 4, 2, 8, device=DEVICE), torch.randn(4, 4, 2, 8, device=DEVICE)
+    seqlens = _int32(3, 6)  # sequence 0 uses one block of 4 positions, sequence 1 two
+    with pytest.raises(ValueError, match=rf"block_table entries in use must index blocks 0\.\.3 of k_cache, got "
+                                         rf"block_table\[1, 1\] = {entry}"):
+        fastattn.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens,
+                                         block_table=_int32(0, 1, 2, entry).reshape(2, 2), backend=backend)
+
+
+UNUSED_ENTRY_CASES = [
+    pytest.param(9, "torch", id="past-the-end-torch", marks=pytest.mark.xfail(
+        strict=True, raises=IndexError, reason="ops/decode_attention._torch_forward gathers every block_table "
+                                               "column, the unused ones too")),
+] + [pytest.param(entry, backend, id=f"{name}-{backend}")
+     for entry, name in ((9, "past-the-end"), (-1, "negative"))
+     for backend in backends_of(decode_op.BACKENDS, DEVICE) if (entry, backend) != (9, "torch")]
+
+
+@pytest.mark.parametrize("entry,backend", UNUSED_ENTRY_CASES)
+def test_kvcache_paged_entries_past_the_length_may_hold_anything(entry, backend):
+    """A block_table entry past a sequence's length is not in use (flash-attn never reads
+    it): any value there is accepted and changes nothing."""
+    q = torch.randn(2, 1, 4, 8, device=DEVICE)
+    k_cache, v_cache = torch.randn(4, 4, 2, 8, device=DEVICE), torch.randn(4, 4, 2, 8, device=DEVICE)
+    out = fastattn.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=_int32(3, 6),
+                                           block_table=_int32(3, entry, 0, 2).reshape(2, 2), backend=backend)
+    dense_k = torch.stack((torch.cat((k_cache[3], k_cache[3])), torch.cat((k_cache[0], k_cache[2]))))
+    dense_v = torch.stack((torch.cat((v_cache[3], v_cache[3])), torch.cat((v_cache[0], v_cache[2]))))
+    close(out, _kvcache_reference(q, dense_k, dense_v, [3, 6])[0], dtype=torch.float32)
+
+
+def test_varlen_paged_checks_cu_seqlens_k_before_reading_it():
+    """cu_seqlens_k on another device (here meta, which cannot be read) is refused by
+    name before the paged path reads it to the host."""
+    q, cu = _packed([3, 4], 4, 8)
+    with pytest.raises(ValueError, match="cu_seqlens_k is on meta"):
+        fastattn.flash_attn_varlen_func(q, rand(4, 4, 2, 8), rand(4, 4, 2, 8), cu, cu.to("meta"), 4, 4,
+                                        block_table=_int32(0, 1, 2, 3).reshape(2, 2))
+
+
+class _CountedReads(torch.Tensor):
+    """A tensor that records each read of its values (or of a tensor made from it) to
+    the host."""
+
+    reads: list = []
+    READS = (torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.__int__, torch.Tensor.__index__,
+             torch.Tensor.__bool__, torch.Tensor.__float__)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in cls.READS:
+            cls.reads.append(func.__name__)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_varlen_paged_reads_cu_seqlens_k_once(monkeypatch):
+    """The paged path reads cu_seqlens_k to the host once (one tolist) and gathers
+    sequence b's position p from row p % page_block_size of block block_table[b, p //
+    page_block_size]."""
+    seen = {}
+
+    def stub(q, k, v, *args, **kwargs):
+        seen.update(k=k, v=v)
+        return q
+
+    monkeypatch.setattr(fai, "varlen_attention", stub)
+    monkeypatch.setattr(_CountedReads, "reads", [])
+    lengths, page = [5, 0, 3], 2
+    q, cu = _packed([1, 1, 1], 4, 8)
+    k, v = rand(6, page, 2, 8), rand(6, page, 2, 8)
+    table = _int32(4, 0, 2, -1, 7, 9, 5, 1, 3).reshape(3, 3)  # unused entries: -1, 7, 9 (past 5 blocks)
+    cu_k = torch.tensor([0, 5, 5, 8], dtype=torch.int32, device=DEVICE).as_subclass(_CountedReads)
+    fastattn.flash_attn_varlen_func(q, k, v, cu, cu_k, 1, 5, block_table=table)
+    assert _CountedReads.reads == ["tolist"]
+    rows = [(int(table[b, p // page]), p % page) for b, n in enumerate(lengths) for p in range(n)]
+    for name, paged in (("k", k), ("v", v)):
+        expected = torch.stack([paged[block, row] for block, row in rows])
+        assert torch.equal(seen[name].as_subclass(torch.Tensor), expected), name
+
+
+def _varlen_paged_call(**change):
+    q, cu = _packed([3, 4], 4, 8)
+    kwargs = dict(q=q, k=rand(4, 4, 2, 8), v=rand(4, 4, 2, 8), cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=4,
+                  max_seqlen_k=4, block_table=_int32(0, 1, 2, 3).reshape(2, 2))
+    kwargs.update(change)
+    return fastattn.flash_attn_varlen_func(**kwargs)
+
+
+def _kvcache_paged_call(**change):
+    q, k_cache, v_cache = _cache()  # k_cache, v_cache: 2 blocks of 16 positions
+    kwargs = dict(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=_int32(3, 4),
+                  block_table=_int32(1, 0).reshape(2, 1))
+    kwargs.update(change)
+    before = kwargs["k_cache"].clone(), kwargs["v_cache"].clone()
+    try:
+        return fastattn.flash_attn_with_kvcache(**kwargs)
+    finally:  # refused before anything was written
+        assert torch.equal(kwargs["k_cache"], before[0]) and torch.equal(kwargs["v_cache"], before[1])
+
+
+PAGED_REFUSALS = [
+    (_varlen_paged_call, lambda: dict(block_table=_int32(0, 1).reshape(1, 2)),
+     r"block_table must have shape \(batch, max_num_blocks_per_seq\) with batch 2 .* got \(1, 2\)"),
+    (_varlen_paged_call, lambda: dict(k=rand(4, 2, 2, 8), v=rand(4, 2, 2, 8), block_table=_int32(0, 1).reshape(2, 1)),
+     r"the longest sequence of cu_seqlens_k \(4\) exceeds block_table's 1 blocks × page_block_size 2"),
+    (_varlen_paged_call, lambda: dict(cu_seqlens_k=_int32()), r"cu_seqlens_k must have batch \+ 1 >= 1 entries"),
+    (_varlen_paged_call, lambda: dict(cu_seqlens_k=_int32(1, 3, 7)), r"cu_seqlens_k\[0\] must be 0, got 1"),
+    (_varlen_paged_call, lambda: dict(cu_seqlens_k=_int32(0, 4, 3)), r"cu_seqlens_k must be non-decreasing"),
+    (_varlen_paged_call, lambda: dict(block_table=_int32(0, 1, 7, 3).reshape(2, 2)),
+     r"block_table entries in use must index blocks 0\.\.3 of k, got block_table\[1, 0\] = 7"),
+    (_varlen_paged_call, lambda: dict(k=rand(4, 0, 2, 8), v=rand(4, 0, 2, 8)),
+     r"k must have page_block_size .* > 0, got shape \(4, 0, 2, 8\)"),
+    (_kvcache_paged_call, lambda: dict(block_table=_int32(0, 1).reshape(1, 2)),
+     r"block_table must have shape \(batch, max_num_blocks_per_seq\) with batch 2, got \(1, 2\)"),
+    (_kvcache_paged_call, lambda: dict(block_table=_int32(1, 5).reshape(2, 1)),
+     r"block_table entries in use must index blocks 0\.\.1 of k_cache, got block_table\[1, 0\] = 5"),
+    (_kvcache_paged_call, lambda: dict(k=rand(2, 1, 2, 8), v=rand(2, 1, 2, 8), block_table=_int32(-1, 0).reshape(2, 1)),
+     r"block_table entries in use must index blocks 0\.\.1 of k_cache, got block_table\[0, 0\] = -1"),
+    (_kvcache_paged_call, lambda: dict(k_cache=rand(2, 0, 2, 8), v_cache=rand(2, 0, 2, 8), cache_seqlens=0),
+     r"k_cache must have page_block_size .* > 0 with a block_table, got shape \(2, 0, 2, 8\)"),
+    (_kvcache_paged_call, lambda: dict(k=rand(2, 1, 2, 8), v=rand(2, 1, 2, 8), rotary_cos=torch.ones(16, 4, **F64),
+                                       rotary_sin=torch.ones(16, 3, **F64)),
+     r"rotary_cos and rotary_sin must have one shape \(seqlen_ro, rotary_dim / 2\); got \(16, 4\) and \(16, 3\)"),
+    (_kvcache_paged_call, lambda: dict(k=rand(2, 1, 2, 8), v=rand(2, 1, 2, 8), window_size=(-2, 0)),
+     r"window_size sides must be -1"),
+]
+
+
+@pytest.mark.parametrize("call,change,match", PAGED_REFUSALS, ids=[f"{i}-{c[0].__name__[1:-5]}"
+                                                                  for i, c in enumerate(PAGED_REFUSALS)])
+def test_paged_refusals(call, change, match):
+    with pytest.raises(ValueError, match=match):
+        call(**change())
+
+
+VARLEN_OP_REFUSALS = [  # checked by varlen_attention alone, under flash-attn's argument names
+    (lambda q, k, v: dict(q=q[None]), ValueError, r"q must be 3-D"),
+    (lambda q, k, v: dict(k=k[..., :4]), ValueError, r"q and k must have the same head_dim"),
+    (lambda q, k, v: dict(v=v[:5]), ValueError, r"k and v must agree"),
+    (lambda q, k, v: dict(q=q[:, :3]), ValueError, r"heads of q \(3\) must be a multiple of kv_heads of k/v \(2\)"),
+    (lambda q, k, v: dict(v=v.float()), TypeError, r"v has dtype float32 but q has float64"),
+    (lambda q, k, v: dict(causal=1), TypeError, r"causal must be a bool"),
+    (lambda q, k, v: dict(window_size=(0, -3)), ValueError, r"window_size sides"),
+    (lambda q, k, v: dict(softcap=-1.0), ValueError, r"softcap must be >= 0"),
+]
+
+
+@pytest.mark.parametrize("change,error,match", VARLEN_OP_REFUSALS, ids=[c[2][:20] for c in VARLEN_OP_REFUSALS])
+def test_flash_attn_varlen_bad_input_named_by_the_op(change, error, match):
+    q, cu = _packed([3, 4], 4, 8)
+    kwargs = dict(q=q, k=rand(7, 2, 8), v=rand(7, 2, 8), cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=4,
+                  max_seqlen_k=4)
+    kwargs.update(change(kwargs["q"], kwargs["k"], kwargs["v"]))
+    with pytest.raises(error, match=match):
+        fastattn.flash_attn_varlen_func(**kwargs)
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (dict(causal=1), TypeError, "causal must be a bool"),
+    (dict(softcap=-1.0), ValueError, "softcap must be >= 0"),
+    (dict(k_cache=rand(2, 16, 2, 8).float(), v_cache=rand(2, 16, 2, 8).float()), TypeError,
+     "k_cache has dtype float32 but q has float64"),
+], ids=["causal", "softcap", "dtype"])
+def test_kvcache_options_checked_before_the_append(change, error, match):
+    """flash_attn_with_kvcache uses causal and window_size and appends the new k, v
+    before any op checks them: it checks them itself, before anything is written."""
+    q, k_cache, v_cache = _cache()
+    kwargs = dict(q=q, k_cache=k_cache, v_cache=v_cache, k=rand(2, 2, 2, 8), v=rand(2, 2, 2, 8), cache_seqlens=3)
+    kwargs.update(change)
+    before = kwargs["k_cache"].clone()
+    with pytest.raises(error, match=match):
+        fastattn.flash_attn_with_kvcache(**kwargs)
+    assert torch.equal(kwargs["k_cache"], before)

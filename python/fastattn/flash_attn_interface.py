@@ -46,20 +46,18 @@ __all__ = [
 ]
 
 DENSE = "(batch, seqlen, nheads, headdim)"
-PACKED = "(total, nheads, headdim)"
+PAGED_KV = "(num_blocks, page_block_size, nheads_k, headdim)"
 
 
 # ----------------------------------------------------------------------------- checks
 
 
-def _check_options(softmax_scale, causal, window_size, softcap, deterministic, flag_name, flag):
-    """The scalar options every function shares, checked under flash-attn's names (the
-    ops check dropout_p, alibi_slopes and the rest under the same names)."""
+def _check_options(softmax_scale, deterministic, flag_name, flag):
+    """The options the ops check under another name (scale, return_lse) or not at all
+    (deterministic). causal, window_size, softcap, dropout_p and alibi_slopes the ops
+    check under flash-attn's names."""
     if softmax_scale is not None:
         check.number("softmax_scale", softmax_scale, positive=True)
-    check.boolean("causal", causal)
-    check.window("window_size", window_size)
-    check.number("softcap", softcap, minimum=0.0)
     if deterministic is not None:
         check.boolean("deterministic", deterministic)
     check.boolean(flag_name, flag)
@@ -67,9 +65,9 @@ def _check_options(softmax_scale, causal, window_size, softcap, deterministic, f
 
 def _check_heads(q: Tensor, k: Tensor, v: Tensor, layout: str, k_name: str = "k", v_name: str = "v") -> None:
     """q (..., nheads, headdim), k (..., nheads_k, headdim), v (..., nheads_k, headdim_v):
-    one dtype and device, head_dim of q and k equal, nheads a multiple of nheads_k."""
-    check.same_dtype(q=q, **{k_name: k, v_name: v})
-    check.same_device(q=q, **{k_name: k, v_name: v})
+    head_dim of q and k equal, nheads a multiple of nheads_k, in messages that spell
+    flash-attn's layout (the ops would show their own, transposed, shapes). dtype and
+    device are left to the ops, which name q, k and v as flash-attn does."""
     if q.shape[-1] != k.shape[-1] or q.shape[-1] == 0:
         raise ValueError(
             f"q and {k_name} must have the same headdim > 0 (last dim of {layout}); got q {tuple(q.shape)} "
@@ -85,6 +83,20 @@ def _check_heads(q: Tensor, k: Tensor, v: Tensor, layout: str, k_name: str = "k"
             f"nheads of q ({q.shape[-2]}) must be a multiple of nheads_k of {k_name}/{v_name} ({k.shape[-2]}): "
             f"q is {layout}, {k_name} and {v_name} (..., nheads_k, headdim)"
         )
+
+
+def _check_table_entries(table: Tensor, lengths: list[int], page: int, num_blocks: int, paged_name: str) -> None:
+    """The block_table entries in use (sequence b's first ceil(lengths[b] / page) columns)
+    index blocks 0..num_blocks - 1 of the paged `paged_name`; the entries past a
+    sequence's length may hold anything. One read of the device (a flag)."""
+    needed = torch.tensor([-(-n // page) for n in lengths], dtype=torch.long, device=table.device)  # (b,) in use
+    columns = torch.arange(table.shape[1], device=table.device)
+    bad = (columns[None, :] < needed[:, None]) & ((table < 0) | (table >= num_blocks))  # (b, max_blocks)
+    if bool(bad.any()):
+        b, column = bad.nonzero()[0].tolist()
+        raise ValueError(f"block_table entries in use must index blocks 0..{num_blocks - 1} of {paged_name}, got "
+                         f"block_table[{b}, {column}] = {int(table[b, column])} (sequence {b} has {lengths[b]} "
+                         f"positions, {int(needed[b])} blocks of {page})")
 
 
 def _unpack(name: str, packed: object, ndim: int, index_dim: int, count: int, layout: str):
@@ -130,8 +142,7 @@ def flash_attn_func(
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"q and k must have the same batch (dim 0 of {DENSE}); got q {tuple(q.shape)} "
                          f"and k {tuple(k.shape)}")
-    _check_options(softmax_scale, causal, window_size, softcap, deterministic, "return_attn_probs",
-                   return_attn_probs)
+    _check_options(softmax_scale, deterministic, "return_attn_probs", return_attn_probs)
     result = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal,
                        scale=softmax_scale, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
                        dropout_p=dropout_p, return_lse=return_attn_probs, backend=backend)
@@ -183,28 +194,41 @@ def flash_attn_kvpacked_func(
 # ----------------------------------------------------------------------------- varlen
 
 
-def _gather_paged_kv(k: Tensor, v: Tensor, block_table: object, cu_seqlens_k: Tensor):
+def _gather_paged_kv(q: Tensor, k: Tensor, v: Tensor, block_table: object, cu_seqlens_k: object):
     """Packed (total_k, nheads_k, headdim) keys and values gathered from a paged k, v
     (num_blocks, page_block_size, nheads_k, headdim): sequence b's position p is row
     p % page_block_size of block block_table[b, p // page_block_size]. A gather (a copy),
-    differentiable back into the pages."""
+    differentiable back into the pages. Reads cu_seqlens_k to the host once, after its
+    rank, dtype and device are checked."""
     table = check.tensor("block_table", block_table, ndim=2, dtypes=(torch.int32,))
-    check.on_device(k.device, block_table=table)
-    batch = cu_seqlens_k.shape[0] - 1
+    cu_k = check.tensor("cu_seqlens_k", cu_seqlens_k, ndim=1, dtypes=(torch.int32,))
+    if cu_k.shape[0] < 1:
+        raise ValueError(f"cu_seqlens_k must have batch + 1 >= 1 entries, got shape {tuple(cu_k.shape)}")
+    check.on_device(q.device, k=k, v=v, block_table=table, cu_seqlens_k=cu_k)
+    batch = cu_k.shape[0] - 1
     if table.shape[0] != batch:
         raise ValueError(f"block_table must have shape (batch, max_num_blocks_per_seq) with batch {batch} "
                          f"(cu_seqlens_k has batch + 1 entries), got {tuple(table.shape)}")
     page = k.shape[1]
-    bounds = cu_seqlens_k.tolist()
-    lengths = torch.tensor([b - a for a, b in zip(bounds, bounds[1:])], dtype=torch.long, device=k.device)
-    if batch and int(lengths.max()) > table.shape[1] * page:
-        raise ValueError(f"the longest sequence of cu_seqlens_k ({int(lengths.max())}) exceeds block_table's "
+    if page == 0:
+        raise ValueError(f"k must have page_block_size (dim 1 of {PAGED_KV}) > 0, got shape {tuple(k.shape)}")
+    bounds = cu_k.tolist()
+    if bounds[0] != 0:
+        raise ValueError(f"cu_seqlens_k[0] must be 0, got {bounds[0]}")
+    lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+    if min(lengths, default=0) < 0:
+        raise ValueError(f"cu_seqlens_k must be non-decreasing, got {bounds}")
+    if max(lengths, default=0) > table.shape[1] * page:
+        raise ValueError(f"the longest sequence of cu_seqlens_k ({max(lengths)}) exceeds block_table's "
                          f"{table.shape[1]} blocks × page_block_size {page}")
-    sequence = torch.repeat_interleave(torch.arange(batch, device=k.device), lengths)  # (total_k,)
-    position = torch.arange(sequence.numel(), device=k.device) - (torch.cumsum(lengths, 0) - lengths)[sequence]
+    _check_table_entries(table, lengths, page, k.shape[0], "k")
+    total = bounds[-1]
+    sequence = torch.repeat_interleave(torch.arange(batch, device=k.device),
+                                       torch.tensor(lengths, dtype=torch.long, device=k.device),
+                                       output_size=total)  # (total_k,)
+    starts = torch.tensor(bounds[:-1], dtype=torch.long, device=k.device)
+    position = torch.arange(total, device=k.device) - starts[sequence]  # (total_k,) position in its sequence
     blocks = table.long()[sequence, position // page]  # (total_k,)
-    if blocks.numel() and (int(blocks.min()) < 0 or int(blocks.max()) >= k.shape[0]):
-        raise ValueError(f"block_table entries in use must index blocks 0..{k.shape[0] - 1} of k")
     rows = position % page
     return k[blocks, rows], v[blocks, rows]
 
@@ -239,18 +263,13 @@ def flash_attn_varlen_func(
     (num_blocks, page_block_size, nheads_k, headdim); the pages in use are gathered into
     packed k, v first (a copy, unlike the rest of this module).
     """
-    check.tensor("q", q, ndim=3)
-    for name, t in (("k", k), ("v", v)):
-        check.tensor(name, t, ndim=3 if block_table is None else 4)
-    _check_heads(q, k, v, PACKED if block_table is None else "(num_blocks, page_block_size, nheads_k, headdim)")
-    _check_options(softmax_scale, causal, window_size, softcap, deterministic, "return_attn_probs",
-                   return_attn_probs)
-    if block_table is not None:
-        cu_k = check.tensor("cu_seqlens_k", cu_seqlens_k, ndim=1, dtypes=(torch.int32,))
-        if cu_k.shape[0] < 1:
-            raise ValueError(f"cu_seqlens_k must have batch + 1 >= 1 entries, got shape {tuple(cu_k.shape)}")
-        check.cu_seqlens_values("cu_seqlens_k", cu_k, int(cu_k[-1]), "its own last entry")
-        k, v = _gather_paged_kv(k, v, block_table, cu_k)
+    _check_options(softmax_scale, deterministic, "return_attn_probs", return_attn_probs)
+    if block_table is not None:  # packed q, k, v are varlen_attention's layout: it checks them
+        check.tensor("q", q, ndim=3)
+        check.tensor("k", k, ndim=4)
+        check.tensor("v", v, ndim=4)
+        _check_heads(q, k, v, PAGED_KV)
+        k, v = _gather_paged_kv(q, k, v, block_table, cu_seqlens_k)
     result = varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
                               scale=softmax_scale, window_size=window_size, softcap=softcap,
                               alibi_slopes=alibi_slopes, dropout_p=dropout_p, return_lse=return_attn_probs,
@@ -360,13 +379,17 @@ def _cache_layout(q, k_cache, v_cache, block_table, cache_batch_idx):
     k_cache = check.tensor("k_cache", k_cache, ndim=4)
     v_cache = check.tensor("v_cache", v_cache, ndim=4)
     paged = block_table is not None
-    layout = "(num_blocks, page_block_size, nheads_k, headdim)" if paged else \
-        "(batch_size_cache, seqlen_cache, nheads_k, headdim)"
+    layout = PAGED_KV if paged else "(batch_size_cache, seqlen_cache, nheads_k, headdim)"
+    check.same_dtype(q=q, k_cache=k_cache, v_cache=v_cache)
+    check.same_device(q=q, k_cache=k_cache, v_cache=v_cache)
     _check_heads(q, k_cache, v_cache, layout, "k_cache", "v_cache")
     if paged:
         if cache_batch_idx is not None:
             raise ValueError("cache_batch_idx cannot be combined with block_table (a paged cache), as in flash-attn: "
                              "put the sequence's blocks in its block_table row instead")
+        if k_cache.shape[1] == 0:
+            raise ValueError(f"k_cache must have page_block_size (dim 1 of {layout}) > 0 with a block_table, got "
+                             f"shape {tuple(k_cache.shape)}")
         table = check.tensor("block_table", block_table, ndim=2, dtypes=(torch.int32,))
         check.on_device(q.device, block_table=table)
         if table.shape[0] != batch:
@@ -516,7 +539,11 @@ def flash_attn_with_kvcache(
         raise ValueError("cache_leftpad is not supported by fastattn: keep each sequence's cache starting at "
                          "position 0 (or use block_table to place it)")
     rotary = _check_rotary(rotary_cos, rotary_sin, rotary_interleaved, q, k is not None)
-    _check_options(softmax_scale, causal, window_size, softcap, None, "return_softmax_lse", return_softmax_lse)
+    _check_options(softmax_scale, None, "return_softmax_lse", return_softmax_lse)
+    # Used (and the new k, v appended) before decode_attention checks them; causal never reaches an op.
+    check.boolean("causal", causal)
+    check.window("window_size", window_size)
+    check.number("softcap", softcap, minimum=0.0)
     check.integer("num_splits", num_splits, minimum=0)
     seqlens = _cache_seqlens(cache_seqlens, batch, capacity, q.device, k is not None)
     left, right = window_size[0], 0 if causal else window_size[1]
@@ -528,6 +555,8 @@ def flash_attn_with_kvcache(
             where = "block_table blocks × page_block_size" if block_table is not None else "seqlen_cache"
             raise ValueError(f"cache_seqlens (+ seqlen_new {seqlen_new} of k) must lie in [0, {capacity}] "
                              f"({where}); got cache_seqlens {old}")
+        if block_table is not None:
+            _check_table_entries(table, lengths, k_cache.shape[1], k_cache.shape[0], "k_cache")
 
     if rotary is not None:
         cos, sin = rotary
@@ -565,8 +594,6 @@ def flash_attn_with_kvcache(
         if k_new is not None:
             _append(k_new, v_new, caches, total, table, q, backend)
         used = capacity if lengths is None else max(lengths, default=0)
-        if table is not None and lengths is not None and lengths:
-            _check_table_entries(table, total, k_cache.shape[1], k_cache.shape[0])
         keys, values = (_dense_cache(c, table, batch, used) for c in (k_cache, v_cache))
         bias_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         slopes = dense.check_alibi_slopes(alibi_slopes, batch, heads, q.device)
@@ -579,21 +606,11 @@ def flash_attn_with_kvcache(
     return result.transpose(1, 2)
 
 
-def _check_table_entries(table: Tensor, total: Tensor, page: int, num_blocks: int) -> None:
-    needed = (total.long() + page - 1) // page  # (b,) blocks in use
-    columns = torch.arange(table.shape[1], device=table.device)
-    used = table[columns[None, :] < needed[:, None]]
-    if used.numel() and (int(used.min()) < 0 or int(used.max()) >= num_blocks):
-        raise ValueError(f"block_table entries in use must index blocks 0..{num_blocks - 1} of k_cache")
-
-
 def _append(k_new: Tensor, v_new: Tensor, caches, total: Tensor, table: Optional[Tensor], q: Tensor,
             backend: Optional[str]) -> None:
     """Write k_new, v_new (batch, nheads_k, seqlen_new, headdim) into the caches (views in
     decode_attention's layout) at positions total - seqlen_new .. total - 1, in place,
     through the registered op fastattn::decode_attention_append."""
-    if table is not None:
-        _check_table_entries(table, total, caches[0].shape[2], caches[0].shape[0])
     call = decode.DecodeCall(q.dtype, q.shape[-1], v_new.shape[-1], table is not None, caches[0].shape[2], 0.0,
                              False)
     name = decode.BACKENDS.resolve(backend, q.device, call)
