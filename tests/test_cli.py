@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from fastattn import _cli
+from fastattn import generate as generate_mod
 from fastattn import train as train_mod
 from fastattn.models import GPT, TransformerConfig
 
@@ -106,3 +107,46 @@ def test_run_keeps_tracebacks_for_internal_errors(capsys):
     with pytest.raises(KeyError):
         _cli.run("tool", internal_error)
     assert _cli.run("tool", lambda argv: None) == 0
+
+
+# ----------------------------------------------------------------------------- out-of-range arguments
+# Each value a user can get wrong is refused with one line naming the option, the value
+# and what is accepted, exit status 2, and nothing written (in-process: main(argv)).
+
+
+def assert_one_line_error(status: int, err: str, prog: str, words) -> None:
+    lines = err.strip().splitlines()
+    assert status == 2, err
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), err
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+GENERATE_BAD_ARGUMENTS = [
+    (["--device", "meta"], ["--device meta", "cpu", "cuda"]),
+    (["--device", "cpu:0"], ["--device cpu:0", "cpu", "cuda"]),
+    (["--device", "nonsense"], ["--device 'nonsense'", "cpu", "cuda"]),
+    (["--max-new-tokens", "-1"], ["--max-new-tokens", ">= 0"]),
+    (["--num-samples", "0"], ["--num-samples", ">= 1"]),
+    (["--temperature", "-1"], ["--temperature", ">= 0"]),
+    (["--temperature", "nan"], ["--temperature", "finite"]),
+    (["--temperature", "inf"], ["--temperature", "finite"]),
+    (["--top-k", "-1"], ["--top-k", ">= 0"]),
+    (["--top-p", "0"], ["--top-p", "(0, 1]"]),
+    (["--top-p", "nan"], ["--top-p", "(0, 1]"]),
+    (["--page-size", "-1"], ["--page-size", ">= 0"]),
+    (["--seed", str(2**64)], ["--seed", str(2**64)]),
+]
+
+
+@pytest.mark.parametrize("argv, words", GENERATE_BAD_ARGUMENTS,
+                         ids=[" ".join(argv) for argv, _ in GENERATE_BAD_ARGUMENTS])
+def test_generate_refuses_out_of_range_arguments(tmp_path, capsys, argv, words):
+    config = TransformerConfig.from_preset("tiny", vocab_size=320, max_seq_len=16)
+    train_mod.save_checkpoint(tmp_path / train_mod.CHECKPOINT_NAME, {
+        "format": train_mod.CHECKPOINT_FORMAT, "config": config.to_dict(), "model": GPT(config).state_dict(),
+        "step": 0})
+    status = generate_mod.main(["--checkpoint", str(tmp_path), "--max-new-tokens", "2", "--device", "cpu", *argv])
+    assert_one_line_error(status, capsys.readouterr().err, "fastattn-generate", words)
+    assert capsys.readouterr().out == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == [train_mod.CHECKPOINT_NAME]
