@@ -181,7 +181,7 @@ def test_out_with_a_run_needs_resume_or_overwrite(tmp_path, capsys):
     assert train_mod.main(argv + ["--overwrite"]) == 0
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / train_mod.METRICS_NAME).read_text().splitlines()]
     assert steps == [2]  # replaced, not appended
-    with pytest.raises(SystemExit):
+    with pytest.raises(train_mod.UsageError, match="pass one of them"):
         train_mod.parse_args(argv + ["--overwrite", "--resume"])
 
 

@@ -19,6 +19,9 @@ import torch
 from . import backends
 
 
+SEED_RANGE = (-(2**63), 2**64)  # the seeds torch.manual_seed accepts: [low, high)
+
+
 class UsageError(ValueError):
     """A mistake in how the tool was called: one line, exit status 2, no traceback."""
 
@@ -54,7 +57,9 @@ def resolve_device(text: str, option: str = "--device") -> torch.device:
         device = torch.device(text)
     except RuntimeError:
         raise UsageError(f"{option} {text!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type != "cuda":
+    if device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index is not None):
+        raise UsageError(f"{option} {text}: the fastattn tools run on cpu or cuda; use auto, cpu, cuda or cuda:N")
+    if device.type == "cpu":
         return device
     if torch.version.cuda is None:
         raise UsageError(f"{option} {text}: this torch ({torch.__version__}) is a CPU build; install a CUDA build "
@@ -65,6 +70,14 @@ def resolve_device(text: str, option: str = "--device") -> torch.device:
         raise UsageError(f"{option} {text}: there are {torch.cuda.device_count()} CUDA device(s) "
                          f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
     return device
+
+
+def check_values(checks: Sequence[tuple[str, object, bool, str]]) -> None:
+    """UsageError `<option> must be <need>, got <value>` for the first (option, value,
+    ok, need) whose ok is False."""
+    for option, value, ok, need in checks:
+        if not ok:
+            raise UsageError(f"{option} must be {need}, got {value}")
 
 
 def check_backend_runs(backend: Optional[str], device: torch.device, option: str = "--backend") -> None:

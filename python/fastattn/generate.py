@@ -20,6 +20,7 @@ non-printable bytes escaped (\\x1b, \\x00 ...; invalid UTF-8 as \\xNN).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from typing import Optional
@@ -198,16 +199,17 @@ def _main(argv: Optional[list[str]]) -> None:
     from .train import load_checkpoint_for_cli, model_from_checkpoint
 
     args = build_parser().parse_args(argv)
-    for option, value, ok, need in (
+    _cli.check_values([
         ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 0, ">= 0"),
         ("--num-samples", args.num_samples, args.num_samples >= 1, ">= 1"),
-        ("--temperature", args.temperature, args.temperature >= 0, ">= 0 (0 = greedy)"),
+        ("--temperature", args.temperature, math.isfinite(args.temperature) and args.temperature >= 0,
+         "finite and >= 0 (0 = greedy)"),
         ("--top-k", args.top_k, args.top_k >= 0, ">= 0 (0 = all)"),
         ("--top-p", args.top_p, 0.0 < args.top_p <= 1.0, "in (0, 1]"),
         ("--page-size", args.page_size, args.page_size >= 0, ">= 0 (0 = a contiguous cache)"),
-    ):
-        if not ok:
-            raise UsageError(f"{option} must be {need}, got {value}")
+        ("--seed", args.seed, args.seed is None or _cli.SEED_RANGE[0] <= args.seed < _cli.SEED_RANGE[1],
+         "in [-2**63, 2**64)"),
+    ])
     device = _cli.resolve_device(args.device)
     _cli.check_backend_runs(args.backend, device)
     dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")

@@ -105,40 +105,84 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    for name in ("max_steps", "batch_size", "grad_accum", "eval_batches", "log_interval"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if not 0.0 < args.val_fraction < 1.0:
-        parser.error("--val-fraction must be in (0, 1)")
-    if not 0.0 < args.mask_prob < 1.0:
-        parser.error("--mask-prob must be in (0, 1)")
-    if args.resume and args.overwrite:
-        parser.error("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+    """The parsed arguments; UsageError (one line) for a value out of range or a bad --set."""
+    args = build_parser().parse_args(argv)
+    check_args(args)
     return args
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """UsageError naming the option, its value and what is accepted, for the first
+    argument out of range (argparse checks only the types)."""
+    finite = math.isfinite
+    _cli.check_values(
+        [(f"--{name.replace('_', '-')}", getattr(args, name), getattr(args, name) >= 1, ">= 1")
+         for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_batches", "log_interval")]
+        + [
+            ("--seq-len", args.seq_len, args.seq_len is None or args.seq_len >= 1,
+             ">= 1 (leave it out for min(max_seq_len, 1024))"),
+            ("--warmup-steps", args.warmup_steps, args.warmup_steps is None or args.warmup_steps >= 0, ">= 0"),
+            ("--lr", args.lr, finite(args.lr) and args.lr > 0, "finite and > 0"),
+            ("--min-lr-ratio", args.min_lr_ratio, 0.0 <= args.min_lr_ratio <= 1.0, "in [0, 1]"),
+            ("--weight-decay", args.weight_decay, finite(args.weight_decay) and args.weight_decay >= 0,
+             "finite and >= 0"),
+            ("--betas", " ".join(map(str, args.betas)), all(0.0 <= b < 1.0 for b in args.betas),
+             "two values in [0, 1)"),
+            ("--grad-clip", args.grad_clip, finite(args.grad_clip) and args.grad_clip >= 0,
+             "finite and >= 0 (0 = off)"),
+            ("--max-corpus-mb", args.max_corpus_mb, finite(args.max_corpus_mb) and args.max_corpus_mb >= 0,
+             "finite and >= 0 (0 = all)"),
+            ("--val-fraction", args.val_fraction, 0.0 < args.val_fraction < 1.0, "in (0, 1)"),
+            ("--mask-prob", args.mask_prob, 0.0 < args.mask_prob < 1.0, "in (0, 1)"),
+            ("--seed", args.seed, _cli.SEED_RANGE[0] <= args.seed < _cli.SEED_RANGE[1], "in [-2**63, 2**64)"),
+        ]
+    )
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+    try:
+        build_config(args)
+    except UsageError:
+        raise
+    except ValueError as exc:
+        raise UsageError(f"--set {' '.join(args.overrides)}: {exc}") from None
+
+
+POSITIVE_FLOAT_FIELDS = ("norm_eps", "rope_base", "init_std")
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """FIELD=VALUE strings -> typed TransformerConfig changes."""
+    """FIELD=VALUE strings -> typed TransformerConfig changes; UsageError for an unknown
+    FIELD or a VALUE of the wrong type or sign (the config checks the rest)."""
     fields = {f.name: f for f in dataclasses.fields(TransformerConfig)}
     defaults = TransformerConfig()
     changes: dict[str, Any] = {}
     for item in overrides:
         name, sep, text = item.partition("=")
         if not sep or name not in fields:
-            raise ValueError(f"--set expects FIELD=VALUE with FIELD one of {', '.join(fields)}; got {item!r}")
+            raise UsageError(f"--set {item}: expected FIELD=VALUE with FIELD one of {', '.join(fields)}")
         default = getattr(defaults, name)
-        if text.lower() == "none":
+        if text.lower() == "none" and name in ("n_kv_heads", "d_ff"):
             value: Any = None
         elif isinstance(default, bool):
             if text.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(f"--set {name} expects true or false, got {text!r}")
+                raise UsageError(f"--set {item}: {name} must be true or false")
             value = text.lower() in ("true", "1")
         elif isinstance(default, int) or name in ("n_kv_heads", "d_ff"):
-            value = int(text)
+            try:
+                value = int(text)
+            except ValueError:
+                raise UsageError(f"--set {item}: {name} must be an integer >= 1") from None
+            if value < 1:
+                raise UsageError(f"--set {item}: {name} must be >= 1")
         elif isinstance(default, float):
-            value = float(text)
+            try:
+                value = float(text)
+            except ValueError:
+                raise UsageError(f"--set {item}: {name} must be a number") from None
+            if name in POSITIVE_FLOAT_FIELDS and not (math.isfinite(value) and value > 0):
+                raise UsageError(f"--set {item}: {name} must be finite and > 0")
+            if not math.isfinite(value):
+                raise UsageError(f"--set {item}: {name} must be finite")
         else:
             value = text
         changes[name] = value
@@ -526,7 +570,7 @@ def _train(args: argparse.Namespace, info: Dist, device: torch.device) -> TrainR
     if payload and (not config.causal) != (args.objective == "masked"):
         raise UsageError(f"{checkpoint_path} was trained with the other --objective; pass --objective "
                          f"{'causal' if config.causal else 'masked'} to resume it")
-    seq_len = args.seq_len or min(config.max_seq_len, 1024)
+    seq_len = args.seq_len if args.seq_len is not None else min(config.max_seq_len, 1024)
     if config.positions == "learned" and seq_len > config.max_seq_len:
         raise UsageError(f"--seq-len {seq_len} exceeds the model's max_seq_len {config.max_seq_len}; pass a "
                          f"--seq-len of at most {config.max_seq_len}")
