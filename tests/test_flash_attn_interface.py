@@ -576,13 +576,9 @@ def test_kvcache_paged_entries_in_use_are_checked_without_new_kv(backend, entry)
                                          block_table=_int32(0, 1, 2, entry).reshape(2, 2), backend=backend)
 
 
-UNUSED_ENTRY_CASES = [
-    pytest.param(9, "torch", id="past-the-end-torch", marks=pytest.mark.xfail(
-        strict=True, raises=IndexError, reason="ops/decode_attention._torch_forward gathers every block_table "
-                                               "column, the unused ones too")),
-] + [pytest.param(entry, backend, id=f"{name}-{backend}")
-     for entry, name in ((9, "past-the-end"), (-1, "negative"))
-     for backend in backends_of(decode_op.BACKENDS, DEVICE) if (entry, backend) != (9, "torch")]
+UNUSED_ENTRY_CASES = [pytest.param(entry, backend, id=f"{name}-{backend}")
+                      for entry, name in ((9, "past-the-end"), (-1, "negative"))
+                      for backend in backends_of(decode_op.BACKENDS, DEVICE)]
 
 
 @pytest.mark.parametrize("entry,backend", UNUSED_ENTRY_CASES)
