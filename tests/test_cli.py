@@ -16,6 +16,7 @@ import torch
 from fastattn import _cli
 from fastattn import generate as generate_mod
 from fastattn import train as train_mod
+from fastattn.bench.cli import main as bench_main
 from fastattn.models import GPT, TransformerConfig
 
 TINY_DATA = ["--preset", "tiny", "--device", "cpu", "--batch-size", "2", "--seq-len", "16", "--max-steps", "2",
@@ -207,3 +208,21 @@ def test_train_user_errors_from_the_review_as_a_user_sees_them(tmp_path):
         result = run("fastattn.train", *TINY_DATA, "--out", "run", *argv, cwd=tmp_path)
         assert_user_error(result, "fastattn-train", *words)
         assert list(tmp_path.iterdir()) == []
+
+
+ARGPARSE_ERRORS = [
+    (train_mod.main, "fastattn-train", ["--max-steps", "abc"], ["--max-steps", "invalid int value", "--help"]),
+    (train_mod.main, "fastattn-train", ["--preset", "bogus"], ["--preset", "invalid choice", "--help"]),
+    (train_mod.main, "fastattn-train", ["--no-such-flag"], ["unrecognized arguments", "--no-such-flag"]),
+    (generate_mod.main, "fastattn-generate", ["--prompt", "x"], ["--checkpoint", "required"]),
+    (bench_main, "fastattn-bench", ["--op", "softmax"], ["--op", "invalid choice", "softmax"]),
+]
+
+
+@pytest.mark.parametrize("main, prog, argv, words", ARGPARSE_ERRORS, ids=[" ".join(a[2]) for a in ARGPARSE_ERRORS])
+def test_errors_argparse_finds_are_one_line_too(tmp_path, monkeypatch, capsys, main, prog, argv, words):
+    """A value argparse itself refuses (a type, a choice, an unknown or missing option) is
+    one line naming the option, exit status 2, like the tools' own checks."""
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_error(main(argv), capsys.readouterr().err, prog, words)
+    assert list(tmp_path.iterdir()) == []

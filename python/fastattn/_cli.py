@@ -36,6 +36,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return super()._get_help_string(action)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose errors (an unknown option, a bad value for a typed or
+    `choices` option) are UsageErrors: one line through `run`, not the usage block."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
 def run(prog: str, body: Callable[[Optional[Sequence[str]]], Optional[int]],
         argv: Optional[Sequence[str]] = None) -> int:
     """body(argv)'s exit status (0 when it returns None); 2 with a one-line message on

@@ -174,8 +174,8 @@ def decode_for_display(ids) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastattn-generate", description=__doc__.split("\n\n")[0],
-                                formatter_class=_cli.HelpFormatter)
+    p = _cli.ArgumentParser(prog="fastattn-generate", description=__doc__.split("\n\n")[0],
+                            formatter_class=_cli.HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a fastattn-train --out directory or checkpoint.pt")
     p.add_argument("--prompt", default="", help="text to continue (empty: start a new document)")
     p.add_argument("--max-new-tokens", type=int, default=200)

@@ -61,8 +61,8 @@ VOCAB_MULTIPLE = 64
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastattn-train", description=__doc__.split("\n\n")[0],
-                                formatter_class=_cli.HelpFormatter)
+    p = _cli.ArgumentParser(prog="fastattn-train", description=__doc__.split("\n\n")[0],
+                            formatter_class=_cli.HelpFormatter)
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model size and shape")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a TransformerConfig field, e.g. --set norm_position=post (repeatable)")

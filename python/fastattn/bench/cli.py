@@ -18,13 +18,14 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .. import _cli
 from .run import OP_CHOICES, PRESETS
 from .spec import SWEEPS
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastattn-bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _cli.ArgumentParser(prog="fastattn-bench", description=__doc__.split("\n\n")[0],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--op", default=["all"], choices=OP_CHOICES, action="append", dest="ops",
                    help="op to benchmark (repeatable; default all, or the preset's). model = the reference "
                         "Transformer's training step and decoding")
@@ -64,6 +65,11 @@ def _split(value: Optional[str]) -> Optional[list[str]]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """fastattn-bench: a user error is one line on stderr and exit status 2."""
+    return _cli.run("fastattn-bench", _main, argv)
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
@@ -71,8 +77,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     ops = args.ops[1:] if len(args.ops) > 1 else args.ops  # drop the default when --op is given
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("fastattn-bench: --device cuda asked for, but no CUDA device is available", file=sys.stderr)
-        return 2
+        raise _cli.UsageError("--device cuda asked for, but no CUDA device is available")
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     sweep = args.sweep or default_sweep(device, args.quick)
@@ -85,8 +90,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sweep = args.sweep or (preset.sweep if device.type == "cuda" else preset.cpu_sweep)
     problem = _user_error(args, expand_ops(ops))
     if problem is not None:
-        print(f"fastattn-bench: error: {problem}", file=sys.stderr)
-        return 2
+        raise _cli.UsageError(problem)
     if args.list:
         return _list(expand_ops(ops), sweep, args, providers, modes)
     output = run_benchmarks(ops, out=args.out, device=device, dtype=dtype, sweep=sweep,
