@@ -253,7 +253,7 @@ stage_smoke() {
 }
 
 # How many distinct Triton kernel variants the GPU run compiles, counted from the default
-# configs and the smoke matrix by the ahead-of-time compile tool of issue 14,
+# configs and the smoke matrix by the ahead-of-time compile tool,
 # `python -m fastattn.kernels.aot --count --matrix smoke --arch 90`, which prints
 # "<N> distinct Triton kernel variants for sm_90 ..." (it compiles nothing). Over
 # COMPILE_BUDGET the step fails: at 16 cores and 2-5 s a compile, 150 variants are

@@ -10,8 +10,8 @@ GPU test passes real ones. MATRICES names the lists:
 
     all        the compile check: every op, fp16/bf16 (fp32 where the op takes it), head
                dims 64/96/128/256, each option constexpr on its own, and `ci`
-    smoke      the GPU run's correctness smoke shapes and quick benchmark shapes (issue 15:
-               smoke_correctness_cases() + quick_benchmark_cases())
+    smoke      the GPU run's correctness smoke shapes and quick benchmark shapes
+               (benchmarks/device_run.sh: smoke_correctness_cases() + quick_benchmark_cases())
     gpu-tests  an approximation of the gpu-marked tests in tests/test_*.py (see _gpu_tests)
     ci         the part of `all` the CI compile check affords: each kernel's heaviest
                constexpr combinations at head dims 128 and 256
@@ -274,7 +274,7 @@ def _all():
 
 
 def smoke_correctness_cases():
-    """The GPU run's correctness smoke (issue 15, stage 2): fastattn.bench.smoke.SMOKE, the
+    """The GPU run's correctness smoke (device_run.sh, stage 2): fastattn.bench.smoke.SMOKE, the
     list tests/test_gpu_smoke.py runs, for the triton backend in each of its dtypes,
     forward and backward."""
     from fastattn.bench import smoke
@@ -302,7 +302,7 @@ def smoke_correctness_cases():
 
 
 def quick_benchmark_cases():
-    """The GPU run's quick benchmark (issue 15, stage 3: fastattn-bench --preset quick-gpu),
+    """The GPU run's quick benchmark (device_run.sh, stage 3: fastattn-bench --preset quick-gpu),
     bf16, forward and backward: each op's quick-gpu sweep called as its triton provider
     calls it (norms with prenorm where a residual is fused, FFNs with biases, decode over
     full caches)."""

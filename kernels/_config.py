@@ -463,13 +463,13 @@ def ffn_launch_config(kernel: str, device, dtype, M: int) -> Optional[dict]:
 # 99 KB, the limit of the 8.6 and 8.9 parts, so that one entry serves every 8.x GPU
 # (checked there with bias, dropout, softcap and ALiBi together). `python -m
 # fastattn.kernels.aot` checks them. The exception is fp32 dK/dV at head-dim bucket 256,
-# which spilled about 770 bytes in every tile tried (its ieee dots hold 256-long operand
-# rows in registers; fp32 is the exact path, not the fast one; aot.ALLOWED_SPILLS names it). Seeds: Triton's tutorial
-# 06 (forward 128x64) and FlashAttention-2's 8-warp backward; the dK/dV program holds K,
-# V, dK and dV, so its tiles are smaller than the tutorial's 32x128 and it runs
-# unpipelined (num_stages 1): its pipelined 4-warp configs spill. The GPU issues tune
-# them. Causal and non-causal calls share the entries (causal is a key of the table all
-# the same, so a tuned entry can split them).
+# which spills about 750 bytes with any tile (its ieee dots hold 256-long operand rows in
+# registers; fp32 is the exact path, not the fast one; aot.ALLOWED_SPILLS names it). The
+# entries follow Triton's tutorial 06 (forward 128x64) and FlashAttention-2's 8-warp
+# backward; the dK/dV program holds K, V, dK and dV, so its tiles are smaller than the
+# tutorial's 32x128 and it runs unpipelined (num_stages 1): pipelined 4-warp dK/dV configs
+# spill. None is tuned on a GPU yet. Causal and non-causal calls share the entries (causal
+# is a key of the table all the same, so a tuned entry can split them).
 #
 # FASTATTN_ATTENTION_CONFIG pins keys of the config of every attention kernel, e.g.
 #     FASTATTN_ATTENTION_CONFIG="BLOCK_M=32,BLOCK_N=32,num_warps=4,num_stages=1"

@@ -653,7 +653,7 @@ def test_tile_edges_every_residue(case, monkeypatch):
     assert not failures, "\n".join(failures)
 
 
-# ----------------------------------------------------------------------------- issue 14: launches, offsets, dropout RNG
+# ----------------------------------------------------------------------------- launches, offsets, dropout RNG
 
 _KERNEL_NAMES = {
     "fwd": "_attention_fwd_kernel", "bwd_preprocess": "_attention_bwd_preprocess_kernel",

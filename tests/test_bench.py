@@ -373,7 +373,7 @@ def test_model_benchmark_or_its_skip_reason(tmp_path):
         assert row["tokens_per_s"] > 0
 
 
-# ----------------------------------------------------------------------------- ceilings, units, notes (issue 16)
+# ----------------------------------------------------------------------------- ceilings, units, notes
 
 
 def test_ceilings_take_the_best_size_and_round(monkeypatch):

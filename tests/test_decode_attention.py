@@ -378,7 +378,7 @@ def test_tile_edges_every_residue(case, monkeypatch):
     check_decode(q, k_cache, v_cache, _seqlens(lengths), block_table=table, window_size=window)
 
 
-# ----------------------------------------------------------------------------- issue 14: no host reads
+# ----------------------------------------------------------------------------- no host reads
 
 
 def _forbid_host_reads(monkeypatch):

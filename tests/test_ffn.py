@@ -365,7 +365,7 @@ def test_tile_edges_every_residue(monkeypatch):
     assert not failures, "\n".join(failures)
 
 
-# ----------------------------------------------------------------------------- issue 14
+# ----------------------------------------------------------------------------- default configs, autotuning, offsets
 
 
 def test_autotuned_backward_with_recomputed_hidden(monkeypatch):

@@ -230,7 +230,7 @@ def test_tile_edges_every_residue_forward(monkeypatch):
     assert not failures, "\n".join(failures)
 
 
-# ----------------------------------------------------------------------------- issue 14
+# ----------------------------------------------------------------------------- autotuning with aliased buffers
 
 
 def test_autotuned_backward_with_recomputed_pre_activations(monkeypatch):

@@ -205,7 +205,7 @@ def test_triton_kernels_compile_for_sm90_and_sm80():
     assert done.stdout.count("\n") == 16
 
 
-# ----------------------------------------------------------------------------- issue 14
+# ----------------------------------------------------------------------------- offsets, backward grid, default configs
 
 
 @pytest.mark.parametrize("norm", ["layer_norm", "rms_norm"])

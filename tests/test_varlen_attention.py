@@ -377,7 +377,7 @@ def test_tile_edges_every_residue(case, monkeypatch):
     check_varlen([16] * len(offsets), [16 + offset for offset in offsets], 1, 1, 16, window_size=window)
 
 
-# ----------------------------------------------------------------------------- issue 14: offsets, host syncs
+# ----------------------------------------------------------------------------- offsets, host syncs
 
 
 def test_row_offsets_past_int32_are_computed_in_int64(tmp_path):
