@@ -14,8 +14,9 @@ fresh Triton cache per run unless --cache-dir is given.
 
 The run fails (exit 1) on: a case whose call raises, a grid beyond CUDA's limits, a
 compile error or a compile over --cpu-limit CPU seconds, shared memory above the target's
-per-block limit (232448 bytes on sm_90, 166912 on sm_80), or a register spill (all but
-the one of ALLOWED_SPILLS: fp32 dK/dV at head dims above 128). It prints a table of
+per-block limit (shared_memory_limit: 232448 bytes on sm_90; 101376 on sm_80, whose configs
+also serve the 8.6 and 8.9 parts), or a register spill (all but the one of ALLOWED_SPILLS:
+fp32 dK/dV at head dims above 128). It prints a table of
 registers, spill bytes, shared memory and the tensor-core instructions in the SASS
 (wgmma = Hopper's HGMMA, mma = HMMA) per variant, and whether the attention forward
 uses wgmma on sm_90.
@@ -47,7 +48,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}  # bytes per block a kernel may opt in to (A100, H100/H200)
+ARCHS = (80, 90)  # the targets of the check: sm_80 (the sm80 config family) and sm_90 (H100/H200)
 # The one spill the check reports without failing: (kernel, operand dtype, a word of the
 # variant's name) -> why no default avoids it.
 ALLOWED_SPILLS = {
@@ -201,6 +202,15 @@ def compile_all(variants: list, arch: int, jobs: int, cpu_limit: int) -> list:
     return results
 
 
+def shared_memory_limit(arch: int) -> int:
+    """Bytes of shared memory a variant compiled for `arch` may use: the smallest per-block
+    limit of the GPUs its config family serves (the sm80 defaults also run on the 8.6 and
+    8.9 parts, 99 KB; sm_90 227 KB)."""
+    from . import _config
+
+    return _config.shared_memory_per_block(86 if _config.arch_family(arch) == "sm80" else arch)
+
+
 def allowed_spill(variant) -> str:
     """Why `variant` may spill (ALLOWED_SPILLS), or "" where it may not."""
     words = variant.name.split()
@@ -215,8 +225,8 @@ def failures(result: dict, arch: int, variant=None) -> list:
     reasons = []
     if (result["spill_stores"] or result["spill_loads"]) and not (variant is not None and allowed_spill(variant)):
         reasons.append(f"spills {result['spill_stores']} B stores / {result['spill_loads']} B loads")
-    if result["smem"] > SHARED_MEMORY_LIMIT[arch]:
-        reasons.append(f"shared memory {result['smem']} B > {SHARED_MEMORY_LIMIT[arch]} B")
+    if result["smem"] > shared_memory_limit(arch):
+        reasons.append(f"shared memory {result['smem']} B > {shared_memory_limit(arch)} B")
     return reasons
 
 
@@ -282,7 +292,7 @@ def _parse(argv):
     from . import _aot_cases
 
     parser = argparse.ArgumentParser(prog="python -m fastattn.kernels.aot", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", type=int, choices=sorted(SHARED_MEMORY_LIMIT), default=90,
+    parser.add_argument("--arch", type=int, choices=ARCHS, default=90,
                         help="compute capability to compile for (default 90)")
     parser.add_argument("--matrix", default="all",
                         help=f"the named case matrix: {', '.join(_aot_cases.MATRICES)} (kernels/_aot_cases.py; "
@@ -374,7 +384,7 @@ def main(argv=None) -> int:
     cpu = sum(r.get("cpu_seconds", r["seconds"]) for r in results)
     print(f"compiled {len(variants)} variants in {seconds:.0f} s ({cpu:.0f} CPU seconds) with {args.jobs} jobs; "
           f"{failed} fail the check "
-          f"(compile error, spills, or shared memory > {SHARED_MEMORY_LIMIT[args.arch]} B)")
+          f"(compile error, spills, or shared memory > {shared_memory_limit(args.arch)} B)")
     forward = [r["mma"] for v, r in zip(variants, results) if v.kernel == "attention_fwd" and v.dtype != "fp32"
                and "error" not in r]
     if forward:
