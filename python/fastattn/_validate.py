@@ -176,13 +176,39 @@ def debug_checks() -> bool:
     return value == "1"
 
 
-def cu_seqlens_values(name: str, cu_seqlens: Tensor, total: int, total_name: str) -> list[int]:
-    """cu_seqlens starts at 0, never decreases, and ends at `total`; returns the list."""
+def cu_seqlens(name: str, value: object, device: torch.device) -> Tensor:
+    """A (batch + 1,) int32 cu_seqlens on `device`, contiguous (kernels read entry b at
+    offset b)."""
+    cu = tensor(name, value, ndim=1, dtypes=(torch.int32,))
+    if cu.shape[0] < 1:
+        raise ValueError(f"{name} must have batch + 1 >= 1 entries, got shape {tuple(cu.shape)}")
+    on_device(device, **{name: cu})
+    return cu.contiguous()
+
+
+def cu_seqlens_values(name: str, cu_seqlens: Tensor, total: Optional[int] = None, total_name: str = "") -> list[int]:
+    """cu_seqlens starts at 0, never decreases, and ends at `total` (unless None); returns
+    the list."""
     values = cu_seqlens.tolist()
     if values[0] != 0:
         raise ValueError(f"{name}[0] must be 0, got {values[0]}")
     if any(b < a for a, b in zip(values, values[1:])):
         raise ValueError(f"{name} must be non-decreasing, got {values}")
-    if values[-1] != total:
+    if total is not None and values[-1] != total:
         raise ValueError(f"{name}[-1] must equal {total_name} = {total}, got {values[-1]}")
     return values
+
+
+def block_table_values(table: Tensor, lengths: Sequence[int], page: int, num_blocks: int, paged_name: str,
+                       unit: str = "block") -> None:
+    """The block_table entries in use (sequence b's first ceil(lengths[b] / page) columns)
+    index `unit`s 0..num_blocks - 1 of the paged `paged_name`; the entries past a
+    sequence's length may hold anything. One read of the device (a flag)."""
+    needed = torch.tensor([-(-n // page) for n in lengths], dtype=torch.long, device=table.device)  # (b,) in use
+    columns = torch.arange(table.shape[1], device=table.device)
+    bad = (columns[None, :] < needed[:, None]) & ((table < 0) | (table >= num_blocks))  # (b, max_blocks)
+    if bool(bad.any()):
+        b, column = bad.nonzero()[0].tolist()
+        raise ValueError(f"block_table entries in use must index {unit}s 0..{num_blocks - 1} of {paged_name}, got "
+                         f"block_table[{b}, {column}] = {int(table[b, column])} (sequence {b} has {lengths[b]} "
+                         f"positions, {int(needed[b])} {unit}s of {page})")

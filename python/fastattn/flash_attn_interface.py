@@ -85,20 +85,6 @@ def _check_heads(q: Tensor, k: Tensor, v: Tensor, layout: str, k_name: str = "k"
         )
 
 
-def _check_table_entries(table: Tensor, lengths: list[int], page: int, num_blocks: int, paged_name: str) -> None:
-    """The block_table entries in use (sequence b's first ceil(lengths[b] / page) columns)
-    index blocks 0..num_blocks - 1 of the paged `paged_name`; the entries past a
-    sequence's length may hold anything. One read of the device (a flag)."""
-    needed = torch.tensor([-(-n // page) for n in lengths], dtype=torch.long, device=table.device)  # (b,) in use
-    columns = torch.arange(table.shape[1], device=table.device)
-    bad = (columns[None, :] < needed[:, None]) & ((table < 0) | (table >= num_blocks))  # (b, max_blocks)
-    if bool(bad.any()):
-        b, column = bad.nonzero()[0].tolist()
-        raise ValueError(f"block_table entries in use must index blocks 0..{num_blocks - 1} of {paged_name}, got "
-                         f"block_table[{b}, {column}] = {int(table[b, column])} (sequence {b} has {lengths[b]} "
-                         f"positions, {int(needed[b])} blocks of {page})")
-
-
 def _unpack(name: str, packed: object, ndim: int, index_dim: int, count: int, layout: str):
     """The `count` tensors stacked along dim `index_dim` of `packed`, as views."""
     check.tensor(name, packed, ndim=ndim)
@@ -201,10 +187,8 @@ def _gather_paged_kv(q: Tensor, k: Tensor, v: Tensor, block_table: object, cu_se
     differentiable back into the pages. Reads cu_seqlens_k to the host once, after its
     rank, dtype and device are checked."""
     table = check.tensor("block_table", block_table, ndim=2, dtypes=(torch.int32,))
-    cu_k = check.tensor("cu_seqlens_k", cu_seqlens_k, ndim=1, dtypes=(torch.int32,))
-    if cu_k.shape[0] < 1:
-        raise ValueError(f"cu_seqlens_k must have batch + 1 >= 1 entries, got shape {tuple(cu_k.shape)}")
-    check.on_device(q.device, k=k, v=v, block_table=table, cu_seqlens_k=cu_k)
+    cu_k = check.cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device)
+    check.on_device(q.device, k=k, v=v, block_table=table)
     batch = cu_k.shape[0] - 1
     if table.shape[0] != batch:
         raise ValueError(f"block_table must have shape (batch, max_num_blocks_per_seq) with batch {batch} "
@@ -212,16 +196,12 @@ def _gather_paged_kv(q: Tensor, k: Tensor, v: Tensor, block_table: object, cu_se
     page = k.shape[1]
     if page == 0:
         raise ValueError(f"k must have page_block_size (dim 1 of {PAGED_KV}) > 0, got shape {tuple(k.shape)}")
-    bounds = cu_k.tolist()
-    if bounds[0] != 0:
-        raise ValueError(f"cu_seqlens_k[0] must be 0, got {bounds[0]}")
+    bounds = check.cu_seqlens_values("cu_seqlens_k", cu_k)
     lengths = [b - a for a, b in zip(bounds, bounds[1:])]
-    if min(lengths, default=0) < 0:
-        raise ValueError(f"cu_seqlens_k must be non-decreasing, got {bounds}")
     if max(lengths, default=0) > table.shape[1] * page:
         raise ValueError(f"the longest sequence of cu_seqlens_k ({max(lengths)}) exceeds block_table's "
                          f"{table.shape[1]} blocks × page_block_size {page}")
-    _check_table_entries(table, lengths, page, k.shape[0], "k")
+    check.block_table_values(table, lengths, page, k.shape[0], "k")
     total = bounds[-1]
     sequence = torch.repeat_interleave(torch.arange(batch, device=k.device),
                                        torch.tensor(lengths, dtype=torch.long, device=k.device),
@@ -556,7 +536,7 @@ def flash_attn_with_kvcache(
             raise ValueError(f"cache_seqlens (+ seqlen_new {seqlen_new} of k) must lie in [0, {capacity}] "
                              f"({where}); got cache_seqlens {old}")
         if block_table is not None:
-            _check_table_entries(table, lengths, k_cache.shape[1], k_cache.shape[0], "k_cache")
+            check.block_table_values(table, lengths, k_cache.shape[1], k_cache.shape[0], "k_cache")
 
     if rotary is not None:
         cos, sin = rotary

@@ -225,11 +225,7 @@ def _check_cache_values(seqlens: Tensor, block_table: Optional[Tensor], num_page
             f"got min {min(lengths)}, max {max(lengths)}"
         )
     if block_table is not None:
-        pages_needed = (seqlens.long() + page_size - 1) // page_size  # (b,)
-        columns = torch.arange(block_table.shape[1], device=block_table.device)
-        used = block_table[columns[None, :] < pages_needed[:, None]].tolist()  # the pages in use
-        if used and (min(used) < 0 or max(used) >= num_pages):
-            raise ValueError(f"block_table entries must index pages 0..{num_pages - 1} of k_cache")
+        check.block_table_values(block_table, lengths, page_size, num_pages, "k_cache", unit="page")
 
 
 def check_flagged_inputs(device=None) -> None:

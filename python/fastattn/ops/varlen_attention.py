@@ -179,14 +179,6 @@ def _backward(ctx, dout, dlse):
 varlen_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_cu_seqlens(name: str, cu_seqlens: object, device) -> Tensor:
-    cu = check.tensor(name, cu_seqlens, ndim=1, dtypes=(torch.int32,))
-    if cu.shape[0] < 1:
-        raise ValueError(f"{name} must have batch + 1 >= 1 entries, got shape {tuple(cu.shape)}")
-    check.on_device(device, **{name: cu})
-    return cu.contiguous()  # the kernels read entry b at offset b
-
-
 def varlen_attention(
     q: Tensor,
     k: Tensor,
@@ -218,8 +210,8 @@ def varlen_attention(
     """
     device = dense.check_qkv(q, k, v, ndim=3, layout="(total, heads, head_dim)")
     dense.check_gqa(q.shape[1], k.shape[1])
-    cu_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, device)
-    cu_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, device)
+    cu_q = check.cu_seqlens("cu_seqlens_q", cu_seqlens_q, device)
+    cu_k = check.cu_seqlens("cu_seqlens_k", cu_seqlens_k, device)
     if cu_q.shape != cu_k.shape:
         raise ValueError(
             f"cu_seqlens_q and cu_seqlens_k must both have batch + 1 entries; got "
