@@ -260,7 +260,7 @@ stage_smoke() {
 # about a minute of compiling.
 COMPILE_BUDGET=150
 count_compile_variants() {
-  run_step 2 count 120 10 env -u TRITON_INTERPRET "$PY" -m fastattn.kernels.aot --count --matrix smoke --arch 90
+  run_step 2 count 120 10 "$PY" -m fastattn.kernels.aot --count --matrix smoke --arch 90
   local count
   count=$(grep -m1 -oE '^[0-9]+ distinct Triton kernel variants' "$work/step.out" | grep -oE '^[0-9]+')
   if [ "$last_rc" = 0 ] && [ -n "$count" ]; then

@@ -167,7 +167,7 @@ def test_dry_run_counts_compile_variants(dry_run, capsys):
     """The dry run prints how many Triton kernel variants the GPU run compiles (default
     configs, smoke matrix), from `python -m fastattn.kernels.aot --count --matrix smoke`; it must
     stay within the budget (about a minute of compiling at 16 cores). The dry run sets
-    TRITON_INTERPRET=1 for everything else; the count must not see it."""
+    TRITON_INTERPRET=1 for everything; the AOT tool restarts itself without it."""
     out, result, status = dry_run
     count_steps = [s for s in status["steps"] if s["step"].startswith("count")]
     with capsys.disabled():
